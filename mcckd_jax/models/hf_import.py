@@ -1,13 +1,16 @@
 """Hugging Face checkpoints in: safetensors (sharded too), PyTorch .bin and GGUF.
 
-Tensors are streamed one at a time from the files straight into sharded device arrays
-(`jax.make_array_from_callback`), so host memory holds one tensor beyond the model itself,
-and every process of a multi-host job builds only its own shards. The model is created
-abstractly first (`nnx.eval_shape`); parameters are never materialised whole on one device.
+Tensors are read lazily: each device shard of each parameter is sliced straight out of the
+memory-mapped file (`jax.make_array_from_callback` + safetensors' `get_slice`), so host memory
+never holds a second copy of the model, and every process of a multi-host job reads only its
+own shards. The model is created abstractly first (`nnx.eval_shape`); parameters are never
+materialised whole on one device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import pathlib
 import re
@@ -19,9 +22,24 @@ import numpy as np
 from flax import nnx
 
 from mcckd_jax import sharding
+from mcckd_jax.models.construct import BASE, build_with_base_weights
 from mcckd_jax.models.hf_names import hf_name
 
-NamedTensors = Iterable[tuple[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A checkpoint tensor that is read slice by slice, in its stored (Hugging Face) layout."""
+
+    shape: tuple[int, ...]
+    read: Callable[[tuple[slice, ...]], np.ndarray]
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "LazyTensor":
+        return cls(tuple(array.shape), lambda index: np.asarray(array[index]))
+
+
+NamedTensors = Iterable[tuple[str, "LazyTensor | np.ndarray"]]
 
 # Buffers that some checkpoints carry and that are recomputed here.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
@@ -45,57 +63,67 @@ def _index_files(directory: pathlib.Path, index_name: str) -> list[pathlib.Path]
     return [directory / name for name in dict.fromkeys(index["weight_map"].values())]
 
 
-def _safetensors_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
+def _safetensors_tensors(files: list[pathlib.Path],
+                        stack: contextlib.ExitStack) -> Iterator[tuple[str, LazyTensor]]:
     from safetensors import safe_open
 
     for file in files:
-        with safe_open(str(file), framework="pt") as reader:
-            for name in reader.keys():
-                yield name, _torch_to_numpy(reader.get_tensor(name))
+        reader = stack.enter_context(safe_open(str(file), framework="pt"))
+        for name in reader.keys():
+            tensor_slice = reader.get_slice(name)
+            yield name, LazyTensor(tuple(tensor_slice.get_shape()),
+                                   lambda index, t=tensor_slice: _torch_to_numpy(t[index]))
 
 
-def _torch_bin_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
+def _torch_bin_tensors(files: list[pathlib.Path],
+                       stack: contextlib.ExitStack) -> Iterator[tuple[str, LazyTensor]]:
     import torch
 
+    del stack  # torch keeps its memory maps alive through the tensors
     for file in files:
-        # mmap keeps the file on disk; each tensor is read when converted.
         state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
-        for name in list(state):
-            yield name, _torch_to_numpy(state.pop(name))
+        for name, tensor in state.items():
+            yield name, LazyTensor(tuple(tensor.shape),
+                                   lambda index, t=tensor: _torch_to_numpy(t[index]))
 
 
-def _gguf_tensors(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+def _gguf_tensors(file: pathlib.Path, stack: contextlib.ExitStack) -> Iterator[tuple[str, LazyTensor]]:
     import torch
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    # transformers' GGUF reader needs a model to map tensor names; a meta-device one costs nothing.
+    del stack
+    # transformers dequantizes the whole file (one host copy); its name mapping needs a model,
+    # and one on the meta device costs nothing.
     hf_config = transformers.AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    auto = (transformers.AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder
+            else transformers.AutoModelForCausalLM)
     with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(hf_config) if not \
-            hf_config.is_encoder_decoder else transformers.AutoModelForSeq2SeqLM.from_config(hf_config)
+        skeleton = auto.from_config(hf_config)
     tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton,
                                    torch_dtype=torch.float32)["tensors"]
-    for name in list(tensors):
-        yield name, _torch_to_numpy(tensors.pop(name))
+    for name, tensor in tensors.items():
+        yield name, LazyTensor.of(tensor.numpy())
 
 
-def checkpoint_tensors(path: str | pathlib.Path, gguf_file: str | None = None) -> NamedTensors:
-    """(name, array) pairs of a local Hugging Face checkpoint: a directory or a single file."""
+def checkpoint_tensors(path: str | pathlib.Path, stack: contextlib.ExitStack,
+                       gguf_file: str | None = None) -> NamedTensors:
+    """(name, LazyTensor) pairs of a local Hugging Face checkpoint (a directory or one file);
+    the files stay open until `stack` closes."""
     path = pathlib.Path(path)
     if gguf_file is not None or path.suffix == ".gguf":
-        return _gguf_tensors(path / gguf_file if gguf_file else path)
+        return _gguf_tensors(path / gguf_file if gguf_file else path, stack)
     if path.is_file():
         reader = _safetensors_tensors if path.suffix == ".safetensors" else _torch_bin_tensors
-        return reader([path])
+        return reader([path], stack)
     for index_name, reader in (("model.safetensors.index.json", _safetensors_tensors),
                                ("pytorch_model.bin.index.json", _torch_bin_tensors)):
         if (path / index_name).exists():
-            return reader(_index_files(path, index_name))
+            return reader(_index_files(path, index_name), stack)
     if (path / "model.safetensors").exists():
-        return _safetensors_tensors([path / "model.safetensors"])
+        return _safetensors_tensors([path / "model.safetensors"], stack)
     if (path / "pytorch_model.bin").exists():
-        return _torch_bin_tensors([path / "pytorch_model.bin"])
+        return _torch_bin_tensors([path / "pytorch_model.bin"], stack)
     raise FileNotFoundError(f"{path}: no model.safetensors(.index.json), pytorch_model.bin"
                             "(.index.json) or .gguf file")
 
@@ -113,54 +141,49 @@ def read_hf_config(path: str | pathlib.Path, gguf_file: str | None = None) -> di
     return json.loads(config_file.read_text())
 
 
-def _concrete_non_base_state(model_factory: Callable[[], nnx.Module]):
-    """LoRA adapters and RNG/other state, freshly initialised; base weights are dead code."""
-    def init():
-        _, lora_state, _, other = nnx.split(model_factory(), nnx.LoRAParam, nnx.Param, ...)
-        return lora_state, other
-    return jax.jit(init)()
-
-
 def load_named_tensors(model_factory: Callable[[], nnx.Module], tensors: NamedTensors, *,
                        mesh: jax.sharding.Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
                        hf_prefix: str, hf_unprefixed: tuple[str, ...] = (),
                        ignored_names: Callable[[str], bool] = lambda name: False) -> nnx.Module:
     """Builds `model_factory()` with its base weights taken from `tensors`, sharded on `mesh`.
 
+    LoRA adapters (absent from Hugging Face checkpoints) keep their fresh initialisation.
+
     Raises:
       CheckpointError: a weight is missing, unexpected or of the wrong shape (names them).
     """
     with sharding.activate(mesh, rules):
-        abstract = nnx.eval_shape(model_factory)
-        graphdef, _, base_abstract, _ = nnx.split(abstract, nnx.LoRAParam, nnx.Param, ...)
-        lora_state, other_state = _concrete_non_base_state(model_factory)
-        specs = nnx.get_partition_spec(base_abstract)
-
+        _, base_abstract, _ = nnx.split(nnx.eval_shape(model_factory), BASE, ...)
     targets = {}
-    for (path, variable), (_, spec) in zip(nnx.to_flat_state(base_abstract),
-                                           nnx.to_flat_state(specs)):
+    for path, variable in nnx.to_flat_state(base_abstract):
         name, transposed = hf_name(path, prefix=hf_prefix, unprefixed=hf_unprefixed)
-        targets[name] = (path, transposed, variable.get_value(), spec.get_value())
+        targets[name] = (path, transposed, variable.get_value().shape)
 
-    values, unexpected = {}, []
-    for name, array in tensors:
+    lazy_tensors, unexpected = {}, []
+    for name, tensor in tensors:
         if name not in targets:
             if not (_IGNORED.match(name) or ignored_names(name)):
                 unexpected.append(name)
             continue
-        path, transposed, abstract_value, spec = targets.pop(name)
-        array = array.T if transposed else array
-        if array.shape != abstract_value.shape:
-            raise CheckpointError(f"tensor {name}: shape {array.shape[::-1] if transposed else array.shape}"
-                                  f" does not fit parameter {'/'.join(map(str, path))} "
-                                  f"{abstract_value.shape}")
-        named_sharding = jax.sharding.NamedSharding(mesh, spec)
-        values[path] = jax.make_array_from_callback(
-            abstract_value.shape, named_sharding,
-            lambda index, a=array, d=abstract_value.dtype: np.asarray(a[index], dtype=d))
+        tensor = tensor if isinstance(tensor, LazyTensor) else LazyTensor.of(tensor)
+        path, transposed, shape = targets.pop(name)
+        if (tensor.shape[::-1] if transposed else tensor.shape) != shape:
+            raise CheckpointError(f"tensor {name}: shape {tensor.shape} does not fit parameter "
+                                  f"{'/'.join(map(str, path))} {shape} (transposed: {transposed})")
+        lazy_tensors[path] = (tensor, transposed)
     if targets or unexpected:
         raise CheckpointError(f"checkpoint does not match the model: missing {sorted(targets)}, "
                               f"unexpected {sorted(unexpected)}")
-    base_state = nnx.from_flat_state([(path, variable.replace(values[path]))
-                                      for path, variable in nnx.to_flat_state(base_abstract)])
-    return nnx.merge(graphdef, lora_state, base_state, other_state)
+
+    def device_value(path, abstract, spec):
+        tensor, transposed = lazy_tensors.pop(path)
+
+        def read_shard(index):
+            if transposed:  # our [in, out] shard is the transpose of a stored [out, in] slice
+                return np.asarray(tensor.read(tuple(index[::-1])).T, dtype=abstract.dtype)
+            return np.asarray(tensor.read(tuple(index)), dtype=abstract.dtype)
+
+        return jax.make_array_from_callback(abstract.shape,
+                                            jax.sharding.NamedSharding(mesh, spec), read_shard)
+
+    return build_with_base_weights(model_factory, device_value, mesh=mesh, rules=rules)

@@ -328,9 +328,10 @@ class LlamaModel(nnx.Module):
                              head_dim=config.resolved_head_dim,
                              dtype=layers.dtype_of(config.dtype))
 
-    def hf_ignored(self, name: str) -> bool:
+    @staticmethod
+    def hf_ignored(config: LlamaConfig, name: str) -> bool:
         """Checkpoint tensors that this model does not read (a tied head's copy)."""
-        return self.config.tie_word_embeddings and name == "lm_head.weight"
+        return config.tie_word_embeddings and name == "lm_head.weight"
 
     def output_weight(self) -> jax.Array:
         """The [D, V] output projection (the embedding transposed when tied)."""
