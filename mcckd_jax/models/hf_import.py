@@ -68,11 +68,11 @@ def _safetensors_tensors(files: list[pathlib.Path],
     from safetensors import safe_open
 
     for file in files:
-        reader = stack.enter_context(safe_open(str(file), framework="pt"))
+        reader = stack.enter_context(safe_open(str(file), framework="numpy"))
         for name in reader.keys():
             tensor_slice = reader.get_slice(name)
             yield name, LazyTensor(tuple(tensor_slice.get_shape()),
-                                   lambda index, t=tensor_slice: _torch_to_numpy(t[index]))
+                                   lambda index, t=tensor_slice: np.asarray(t[index]))
 
 
 def _torch_bin_tensors(files: list[pathlib.Path],
