@@ -22,7 +22,8 @@ from flax import nnx
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from mcckd_jax import sharding
-from mcckd_jax.models import hf_import, layers, t5, t5_layers
+from mcckd_jax.models import hf_import, layers, pretrained, t5, t5_layers
+from mcckd_jax.models.hf_export import export_hf
 from mcckd_jax.models.attention import causal_mask
 from mcckd_jax.models.hf_names import hf_name
 
@@ -251,10 +252,8 @@ def test_saved_untied_checkpoint_imports(tmp_path, mesh):
     reference.save_pretrained(tmp_path)
     config = t5.T5Config.from_hf(hf_import.read_hf_config(tmp_path))
     assert config == t5.T5Config.from_hf(_hf_config(*FLAGSHIP)) and not config.tie_word_embeddings
-    model = hf_import.load_named_tensors(
-        lambda: t5.T5Model(config, rngs=nnx.Rngs(0)), hf_import.checkpoint_tensors(tmp_path),
-        mesh=mesh, hf_prefix=t5.T5Model.HF_PREFIX,
-        ignored_names=functools.partial(t5.hf_ignored, config))
+    model = pretrained.load_pretrained(tmp_path, mesh=mesh)
+    assert model.config == config
     ref_logits, _ = _hf_outputs(reference)
     assert _max_diff(_run_forward(model, mesh)[2], ref_logits, DECODER_MASK_BT) < TOL
 
@@ -441,3 +440,16 @@ def test_compute_and_parameter_dtypes_are_separate(mesh):
         abstract = nnx.eval_shape(lambda: t5.T5Model(bf16_params, rngs=nnx.Rngs(0)))
     assert {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))} \
         == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("tied, feed_forward_proj", [FLAGSHIP, (True, "gated-gelu")])
+def test_export_loads_in_transformers_and_reimports_with_identical_logits(
+        tied, feed_forward_proj, mesh, tmp_path):
+    model = _model(tied, feed_forward_proj, mesh)
+    out = export_hf(model, tmp_path / "t5", max_shard_bytes=64 * 1024)
+    exported = transformers.T5ForConditionalGeneration.from_pretrained(
+        out, dtype=torch.float32).eval()
+    expected, _ = _hf_outputs(_reference(tied, feed_forward_proj))
+    np.testing.assert_array_equal(_hf_outputs(exported)[0], expected)
+    reimported = pretrained.load_pretrained(out, mesh=mesh)
+    np.testing.assert_array_equal(_run_forward(reimported, mesh)[2], _run_forward(model, mesh)[2])

@@ -9,12 +9,13 @@ import jax
 from flax import nnx
 
 from mcckd_jax import sharding
-from mcckd_jax.models import hf_import, llama
+from mcckd_jax.models import hf_import, llama, t5
 
 # model_type in config.json -> (config class, model class)
 MODEL_TYPES = {
     "llama": (llama.LlamaConfig, llama.LlamaModel),
     "mistral": (llama.LlamaConfig, llama.LlamaModel),
+    "t5": (t5.T5Config, t5.T5Model),
 }
 
 

@@ -356,9 +356,10 @@ class T5Model(nnx.Module):
             return hidden_BTD * jnp.asarray(self.config.d_model ** -0.5, hidden_BTD.dtype)
         return hidden_BTD
 
-    def hf_ignored(self, name: str) -> bool:
+    @staticmethod
+    def hf_ignored(config: T5Config, name: str) -> bool:
         """Checkpoint tensors that this model does not read (see module-level `hf_ignored`)."""
-        return hf_ignored(self.config, name)
+        return hf_ignored(config, name)
 
     def output_weight(self) -> jax.Array:
         """The [D, V] output projection (the shared embedding transposed when tied)."""
