@@ -316,9 +316,18 @@ class T5Model(nnx.Module):
           decoder_attention_mask_BT: 0 for decoder pads, never attended (None: all real).
         """
         encoder_hidden_BLD = self.encode(input_ids_BL, attention_mask_BL)
+        return self.decode_all(decoder_input_ids_BT, encoder_hidden_BLD,
+                               _valid(attention_mask_BL, input_ids_BL.shape),
+                               decoder_attention_mask_BT)
+
+    def decode_all(self, decoder_input_ids_BT: jax.Array, encoder_hidden_BLD: jax.Array,
+                   encoder_mask_BL: jax.Array,
+                   decoder_attention_mask_BT: jax.Array | None = None) -> jax.Array:
+        """Decoder hidden states [B, T, D] from an encoder output computed once (e.g. shared
+        by the K rationales of a question); ready for `output_weight()`."""
         x_BTD = constrain(self.shared(decoder_input_ids_BT), _EMBED)
         hidden_BTD = self.decoder(x_BTD, _valid(decoder_attention_mask_BT, decoder_input_ids_BT.shape),
-                                  encoder_hidden_BLD, _valid(attention_mask_BL, input_ids_BL.shape))
+                                  encoder_hidden_BLD, encoder_mask_BL.astype(bool))
         return self._scale_output(hidden_BTD)
 
     def cross_cache(self, encoder_hidden_BLD: jax.Array,

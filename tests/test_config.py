@@ -1,0 +1,77 @@
+"""Typed YAML configs with dotted overrides."""
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from mcckd_jax import config as cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    learning_rate: float = 1e-4  # peak learning rate
+    schedule: Literal["cosine", "linear"] = "cosine"  # decay after warmup
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    rank: int = 8  # adapter rank
+    targets: tuple[str, ...] = ("q_proj",)  # adapted maps
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    steps: int = 10  # optimizer steps
+    output_dir: str = "runs/x"  # where checkpoints go
+    mesh: tuple[int, int, int] = (-1, 1, 1)  # data, fsdp, tensor
+    optim: Optim = Optim()  # optimizer
+    lora: Lora | None = None  # adapters, or none
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+
+
+def test_yaml_and_overrides_fill_nested_typed_fields(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("steps: 5\noptim:\n  learning_rate: 3\nmesh: [2, 2, 2]\n")
+    config = cfg.load(Experiment, path, ["optim.schedule=linear", "lora.rank=4",
+                                         "lora.targets=[q_proj, v_proj]", "output_dir=/tmp/o"])
+    assert config == Experiment(steps=5, output_dir="/tmp/o", mesh=(2, 2, 2),
+                                optim=Optim(learning_rate=3.0, schedule="linear"),
+                                lora=Lora(rank=4, targets=("q_proj", "v_proj")))
+    assert isinstance(config.optim.learning_rate, float)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.learnin_rate=1"], r"unknown config key optim.learnin_rate; did you mean optim.learning_rate"),
+    (["stepz=3"], r"unknown config key stepz; did you mean steps"),
+    (["steps=three"], r"steps: expected int, got 'three'"),
+    (["optim.schedule=step"], r"optim.schedule: expected one of \['cosine', 'linear'\]"),
+    (["mesh=[1, 2]"], r"mesh: expected 3 items, got 2"),
+    (["steps"], r"not of the form dotted.key=value"),
+    (["steps=0"], r"steps must be >= 1"),
+    (["steps.x=1"], r"steps is not a section"),
+])
+def test_bad_overrides_are_one_line_errors(overrides, message):
+    with pytest.raises(cfg.ConfigError, match=message) as error:
+        cfg.load(Experiment, None, overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_files_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  momentum: 0.9\n")
+    with pytest.raises(cfg.ConfigError, match=r"bad.yaml: unknown config key optim.momentum"):
+        cfg.load(Experiment, path)
+    path.write_text("steps: [1\n")
+    with pytest.raises(cfg.ConfigError, match=r"bad.yaml: not valid YAML"):
+        cfg.load(Experiment, path)
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = cfg.load(Experiment, None, ["lora.rank=16", "optim.learning_rate=0.5"])
+    cfg.save(config, tmp_path / "resolved.yaml")
+    assert cfg.load(Experiment, tmp_path / "resolved.yaml") == config
+    assert [p.name for p in tmp_path.iterdir()] == ["resolved.yaml"]
