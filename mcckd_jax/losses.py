@@ -280,6 +280,24 @@ def answer_consistency_kl(span_logits: Array, span_mask: Array, rationale_mask: 
     raise ValueError(f"formulation must be 'exact' or 'release', got {formulation!r}")
 
 
+def consistency_count(span_mask: Array, rationale_mask: Array,
+                      formulation: ConsistencyFormulation = "exact") -> Array:
+    """The count that `answer_consistency_kl` returns, from the masks alone (no logits).
+
+    Lets a caller weight micro-batches before their forward pass: the exact gradient of the
+    full-batch KL is the sum over micro-batches of grad(kl_i) * count_i / sum_j count_j.
+    """
+    valid_BK = rationale_mask.astype(bool)
+    num_views_B = jnp.sum(valid_BK, axis=1)
+    if formulation == "exact":
+        has_span_B = jnp.any(span_mask.astype(bool), axis=1)
+        return jnp.sum(((num_views_B >= 2) & has_span_B).astype(jnp.float32))
+    if formulation == "release":
+        pairs_B = (num_views_B * (num_views_B - 1) // 2).astype(jnp.float32)
+        return jnp.sum(pairs_B * jnp.sum(span_mask.astype(jnp.float32), axis=1))
+    raise ValueError(f"formulation must be 'exact' or 'release', got {formulation!r}")
+
+
 def span_argmax_agreement(span_logits: Array, span_mask: Array,
                           rationale_mask: Array) -> tuple[Array, Array]:
     """Share of span tokens where every valid view predicts the same argmax token.
@@ -374,6 +392,7 @@ __all__ = [
     "RELEASE_SMOOTHING_EPS",
     "answer_consistency_kl",
     "chunked_token_cross_entropy",
+    "consistency_count",
     "gather_span_hidden",
     "mcc_kd_loss",
     "span_argmax_agreement",

@@ -185,6 +185,7 @@ def test_consistency_kl_matches_float64_reference(formulation, num_views, dtype)
     expected, expected_count = reference(as_float64(logits), span_mask, rationale_mask,
                                          temperature)
     assert float(count) == expected_count
+    assert float(losses.consistency_count(span_mask, rationale_mask, formulation)) == expected_count
     np.testing.assert_allclose(float(value), expected, rtol=2e-5, atol=1e-7)
 
     grad = jax.jit(jax.grad(lambda x: loss(x)[0]))(logits)
