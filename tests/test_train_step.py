@@ -15,8 +15,8 @@ from mcckd_jax.train import state as train_state
 from mcckd_jax.train import step as train_step
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
-OPTIMIZER = opt.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10,
-                                max_grad_norm=None)
+OPTIMIZER = opt.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, max_grad_norm=None)
+TOTAL_STEPS = 10
 
 
 def random_batch(seed, student, batch=8, views=3, length=12, span=2, vocab=128):
@@ -59,12 +59,13 @@ def run_steps(student, mesh_shape, num_steps=2, num_micro_batches=1, objective=N
     """(metrics per step, final state, initial trainable params as numpy)."""
     mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
     model = make_model(student, mesh, **model_overrides)
-    tx = tx or opt.make_optimizer(OPTIMIZER)
+    tx = tx or opt.make_optimizer(OPTIMIZER, TOTAL_STEPS)
     graphdef, state, shardings = train_state.create_train_state(model, tx, mesh=mesh)
     initial = jax.tree.map(np.asarray, state.params)
     objective = objective or train_step.ObjectiveConfig(alpha=1.0, chunk_size=16)
     step = train_step.make_train_step(graphdef, tx, objective,
-                                      opt.learning_rate_schedule(OPTIMIZER), num_micro_batches)
+                                      opt.learning_rate_schedule(OPTIMIZER, TOTAL_STEPS),
+                                      num_micro_batches)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     batch = jax.device_put(random_batch(batch_seed, student), batch_sharding)
     with sharding.activate(mesh):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
+from typing import Any, Literal
 
 import jax
 from flax import nnx
 
 from mcckd_jax import sharding
 from mcckd_jax.models import hf_import, llama, t5
+from mcckd_jax.models.layers import LoRAConfig
 
 # model_type in config.json -> (config class, model class)
 MODEL_TYPES = {
@@ -42,3 +45,40 @@ def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh,
             lambda: model_cls(config, rngs=nnx.Rngs(0)), tensors, mesh=mesh, rules=rules,
             hf_prefix=model_cls.HF_PREFIX, hf_unprefixed=model_cls.HF_UNPREFIXED,
             ignored_names=lambda name: model_cls.hf_ignored(config, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """Which student to train: a local Hugging Face checkpoint, or a preset from scratch."""
+
+    family: Literal["llama", "t5"] = "llama"  # architecture when initialising from a preset
+    checkpoint: str | None = None  # local HF directory or file; None: random init from preset
+    gguf_file: str | None = None  # GGUF file inside `checkpoint` (dequantized on load)
+    preset: str = "tiny"  # preset function of the family's module (tiny, smollm2_135m, ...)
+    architecture: dict[str, Any] = dataclasses.field(default_factory=dict)  # HF config fields set on the preset
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype (float32 master weights with bf16 compute)
+    remat_policy: str = "none"  # none, full, dots, dots_saveable
+    lora: LoRAConfig | None = None  # adapters; None trains every weight
+    init_seed: int = 0  # seed of a random initialisation (and of fresh LoRA adapters)
+
+
+_FAMILIES = {"llama": (llama, llama.LlamaConfig, llama.LlamaModel),
+             "t5": (t5, t5.T5Config, t5.T5Model)}
+
+
+def build_student(config: StudentConfig, *, mesh: jax.sharding.Mesh,
+                  rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> nnx.Module:
+    """The student of `config`, created sharded on `mesh`."""
+    numerics = dict(dtype=config.dtype, param_dtype=config.param_dtype,
+                    remat_policy=config.remat_policy, lora=config.lora)
+    if config.checkpoint is not None:
+        return load_pretrained(config.checkpoint, mesh=mesh, rules=rules,
+                               gguf_file=config.gguf_file, **numerics)
+    module, config_cls, model_cls = _FAMILIES[config.family]
+    preset = getattr(module, config.preset, None)
+    if preset is None or not callable(preset):
+        raise ValueError(f"{config.family} has no preset {config.preset!r}")
+    architecture = config_cls.from_hf({**preset().to_hf(), **config.architecture}, **numerics)
+    with sharding.activate(mesh, rules):
+        return model_cls(architecture, rngs=nnx.Rngs(config.init_seed))

@@ -20,8 +20,7 @@ class OptimizerConfig:
     learning_rate: float = 2e-5  # peak learning rate, reached after warmup
     warmup_steps: int = 100  # linear warmup from 0, in optimizer steps
     decay: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, down to end_lr
-    end_learning_rate: float = 0.0  # learning rate at total_steps
-    total_steps: int = 1000  # optimizer steps of the whole run (sets the decay length)
+    end_learning_rate: float = 0.0  # learning rate at the last step of the run
     weight_decay: float = 0.0  # decoupled weight decay (AdamW); 0 disables
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.999  # AdamW second-moment decay
@@ -29,14 +28,15 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0  # global-norm clipping; None disables
 
     def __post_init__(self):
-        if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ValueError("warmup_steps must be >= 0 and total_steps >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """Learning rate per optimizer step: linear warmup, then the configured decay."""
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer step: linear warmup, then the configured decay until
+    `total_steps` (the run's length)."""
     warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
-    decay_steps = max(config.total_steps - config.warmup_steps, 1)
+    decay_steps = max(total_steps - config.warmup_steps, 1)
     if config.decay == "cosine":
         decay = optax.cosine_decay_schedule(config.learning_rate, decay_steps,
                                             alpha=config.end_learning_rate / config.learning_rate
@@ -50,9 +50,9 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW or Adafactor with the schedule."""
-    schedule = learning_rate_schedule(config)
+    schedule = learning_rate_schedule(config, total_steps)
     if config.name == "adamw":
         core = optax.adamw(schedule, b1=config.beta1, b2=config.beta2, eps=config.epsilon,
                            weight_decay=config.weight_decay)

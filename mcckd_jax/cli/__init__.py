@@ -1,0 +1,1 @@
+"""Command-line entry points: mcckd-prepare, mcckd-train, mcckd-eval."""

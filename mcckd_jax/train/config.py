@@ -1,0 +1,64 @@
+"""The configuration of a training run: one typed tree, loaded once by `mcckd-train`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mcckd_jax import sharding
+from mcckd_jax.data.pipeline import PipelineConfig
+from mcckd_jax.data.tokenization import TokenizationConfig
+from mcckd_jax.models.pretrained import StudentConfig
+from mcckd_jax.train.optimizer import OptimizerConfig
+from mcckd_jax.train.step import ObjectiveConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Prepared training data and how it becomes batches."""
+
+    train_files: tuple[str, ...] = ()  # prepared JSONL (mcckd-prepare) or MCC-KD JSON files
+    tokenizer: str | None = None  # local tokenizer dir or .gguf; None: the student checkpoint's
+    tokenizer_gguf_file: str | None = None  # GGUF file inside `tokenizer`
+    skip_bad_records: bool = False  # count and skip malformed records instead of stopping
+    tokenization: TokenizationConfig = TokenizationConfig()  # prompt template, lengths, task
+    pipeline: PipelineConfig = PipelineConfig()  # batch size, K, buckets, seed, workers
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The ("data", "fsdp", "tensor") device mesh and the logical-axis rules."""
+
+    per_host: tuple[int, int, int] = (-1, 1, 1)  # sizes within a host; one may be -1 (fill)
+    across_hosts: tuple[int, int, int] = (1, 1, 1)  # sizes across hosts (product = processes)
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = sharding.DEFAULT_RULES  # logical name -> mesh axes
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Length, outputs and checkpoints of the run."""
+
+    output_dir: str = "runs/mcckd"  # checkpoints, metrics.jsonl, tensorboard/, config.yaml
+    steps: int = 1000  # optimizer steps of the whole run (also the schedule's length)
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many
+    log_every: int = 1  # steps between metrics records
+    checkpoint_every: int = 100  # steps between checkpoints (one is also saved at the end)
+    keep_checkpoints: int = 3  # most recent checkpoints kept
+    async_checkpoints: bool = True  # write checkpoints in the background
+    progress_bar: bool = True  # a tqdm bar on process 0
+    tensorboard: bool = True  # TensorBoard event files under output_dir/tensorboard
+
+    def __post_init__(self):
+        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps, log_every and checkpoint_every must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything `mcckd-train` needs."""
+
+    student: StudentConfig = StudentConfig()  # the model and where its weights come from
+    data: DataConfig = DataConfig()  # training data and batching
+    objective: ObjectiveConfig = ObjectiveConfig()  # alpha, temperature, CE chunking
+    optimizer: OptimizerConfig = OptimizerConfig()  # AdamW/Adafactor and the schedule
+    mesh: MeshConfig = MeshConfig()  # devices and sharding rules
+    run: RunConfig = RunConfig()  # steps, outputs, checkpoints

@@ -1,0 +1,185 @@
+"""The training loop: every side effect of a run (data, compilation, logging, checkpoints,
+signals) lives here; the step itself is pure.
+
+The step is jitted once with explicit shardings and donation, compiled ahead of time per
+batch shape (the pipeline's few bucket lengths) with its memory analysis logged, and step n's
+metrics are fetched only after step n+1 is dispatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mcckd_jax import config as config_lib
+from mcckd_jax import sharding
+from mcckd_jax.data import pipeline, records, tokenization
+from mcckd_jax.models import pretrained
+from mcckd_jax.train import checkpointing, optimizer, state as train_state, step as train_step
+from mcckd_jax.train.config import TrainConfig
+from mcckd_jax.train.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+STEP_FIELDS = ("tokens", "targets", "loss_mask", "rationale_mask", "span_positions", "span_mask",
+               "encoder_tokens", "encoder_mask")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclasses.dataclass
+class _Preemption:
+    """Set by SIGTERM; the loop saves a checkpoint and stops at the next step boundary."""
+
+    requested: bool = False
+
+    def __call__(self, signum, frame):
+        del frame
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self.requested = True
+
+
+def load_train_data(config: TrainConfig, layout: str) -> tokenization.EncodedDataset:
+    """Reads and tokenizes the training files (the same on every process)."""
+    data = config.data
+    if not data.train_files:
+        raise ValueError("data.train_files is empty: give prepared files (mcckd-prepare output)")
+    tokenizer_path = data.tokenizer or config.student.checkpoint
+    if tokenizer_path is None:
+        raise ValueError("data.tokenizer is not set and the student has no checkpoint to take "
+                         "the tokenizer from")
+    tokenizer = tokenization.load_tokenizer(
+        tokenizer_path, data.tokenizer_gguf_file if data.tokenizer else config.student.gguf_file)
+    read = records.read_records(data.train_files, skip_bad_records=data.skip_bad_records,
+                                require_rationales=True, task=data.tokenization.task)
+    if read.skipped:
+        log.warning("skipped %d bad records; first: %s", len(read.skipped), read.skipped[0])
+    encoded, report = tokenization.encode_records(
+        read.records, tokenizer, dataclasses.replace(data.tokenization, layout=layout))
+    log.info("training data: %s", report)
+    if encoded.num_questions == 0:
+        raise ValueError(f"no trainable question in {', '.join(data.train_files)}: {report}")
+    return encoded
+
+
+def global_batch(local: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict:
+    """Global arrays from this process's rows of the batch."""
+    return {name: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
+            for name, value in local.items() if name in STEP_FIELDS}
+
+
+class _CompiledSteps:
+    """One AOT-compiled executable per batch shape, with its memory analysis logged."""
+
+    def __init__(self, jitted, logger: MetricsLogger):
+        self.jitted, self.logger, self.executables = jitted, logger, {}
+
+    def __call__(self, state, batch):
+        key = tuple(sorted((name, value.shape) for name, value in batch.items()))
+        if key not in self.executables:
+            compiled = self.jitted.lower(state, batch).compile()
+            memory = compiled.memory_analysis()
+            if memory is not None:
+                self.logger.message(
+                    f"compiled step for {dict(key)}: temp {memory.temp_size_in_bytes / 2**30:.2f} "
+                    f"GiB, arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB")
+            self.executables[key] = compiled
+        return self.executables[key](state, batch)
+
+
+def _check_finite(step: int, metrics: Mapping[str, float], checkpointer) -> None:
+    if not math.isfinite(metrics["loss"]):
+        latest = checkpointer.manager.latest_step()
+        where = (f"the last good checkpoint is step {latest} in {checkpointer.directory}"
+                 if latest is not None else "no checkpoint was written")
+        raise NonFiniteLoss(f"step {step}: loss is {metrics['loss']} (ce {metrics['ce']}, "
+                            f"kl {metrics['kl']}); stopping; {where}")
+
+
+def train(config: TrainConfig) -> list[dict]:
+    """Runs (or resumes) the training of `config`; returns the logged metric records."""
+    mesh = sharding.make_mesh(config.mesh.per_host, config.mesh.across_hosts)
+    rules = config.mesh.rules
+    model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
+    layout = "encoder_decoder" if hasattr(model, "encode") else "decoder_only"
+    dataset = pipeline.train_dataset(load_train_data(config, layout), config.data.pipeline)
+    iterator: Iterator = iter(dataset)
+
+    run = config.run
+    tx = optimizer.make_optimizer(config.optimizer, run.steps)
+    graphdef, state, shardings = train_state.create_train_state(model, tx, mesh=mesh, rules=rules)
+    del model
+    if (fraction := train_state.replicated_fraction(state, mesh)) > 0.25:
+        log.warning("%.0f%% of the parameter and optimizer bytes are replicated on every device; "
+                    "check mesh.rules", 100 * fraction)
+    checkpointer = checkpointing.Checkpointer(run.output_dir, save_every=run.checkpoint_every,
+                                              keep=run.keep_checkpoints,
+                                              async_save=run.async_checkpoints)
+    state = checkpointer.restore_latest(state, shardings, iterator) or state
+    start = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+        config_lib.save(config, f"{run.output_dir}/config.yaml")
+
+    step_fn = train_step.make_train_step(
+        graphdef, tx, config.objective, optimizer.learning_rate_schedule(config.optimizer, run.steps),
+        run.micro_batches)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    logger = MetricsLogger(run.output_dir, total_steps=run.steps, start_step=start,
+                           progress_bar=run.progress_bar, tensorboard=run.tensorboard)
+    preemption = _Preemption()
+    previous_handler = signal.signal(signal.SIGTERM, preemption)
+    records_out: list[dict] = []
+    try:
+        with sharding.activate(mesh, rules):
+            compiled = _CompiledSteps(jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                                              out_shardings=(shardings, None), donate_argnums=0),
+                                      logger)
+            records_out = _loop(run, state, iterator, compiled, batch_sharding, checkpointer,
+                                logger, preemption, start)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+    return records_out
+
+
+def _loop(run, state, iterator, compiled, batch_sharding, checkpointer, logger, preemption,
+          start: int) -> list[dict]:
+    logged, pending, tokens_seen = [], None, 0.0
+
+    def flush(pending):
+        step, metrics_device, tokens = pending
+        metrics = {k: float(v) for k, v in jax.device_get(metrics_device).items()}
+        _check_finite(step, metrics, checkpointer)
+        if step % run.log_every == 0 or step == run.steps:
+            logged.append(logger.log(step, metrics, tokens))
+        return metrics
+
+    for step in range(start + 1, run.steps + 1):
+        batch = global_batch(next(iterator), batch_sharding)
+        tokens_seen += float(np.prod(batch["tokens"].shape))
+        state, metrics_device = compiled(state, batch)
+        if pending is not None:
+            flush(pending)  # step n-1's metrics, fetched after step n is dispatched
+        pending = (step, metrics_device, tokens_seen)
+        due = step % run.checkpoint_every == 0 or step == run.steps or preemption.requested
+        if due:
+            metrics = flush(pending)  # never checkpoint a state whose loss is not finite
+            pending = None
+            checkpointer.save(state, iterator, force=True, metrics=metrics)
+        if preemption.requested:
+            logger.message(f"stopped at step {step} on request; resume by running again")
+            break
+    if pending is not None:
+        flush(pending)
+    return logged

@@ -1,0 +1,76 @@
+"""Where training metrics go: a progress bar, metrics.jsonl and TensorBoard event files.
+
+Only process 0 writes. Values arrive as plain floats (the loop fetches them from the device
+one step late, so logging never stalls the accelerator).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from collections.abc import Mapping
+
+import jax
+import tqdm
+
+_BAR_FIELDS = ("loss", "ce", "kl", "learning_rate")
+
+
+class MetricsLogger:
+    """Writes one record per logged step; `close()` flushes everything."""
+
+    def __init__(self, output_dir: str | pathlib.Path, *, total_steps: int, start_step: int = 0,
+                 progress_bar: bool = True, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.output_dir = pathlib.Path(output_dir)
+        self._bar = self._jsonl = self._tensorboard = None
+        self._last_time, self._last_tokens = time.perf_counter(), 0.0
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+
+            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard" / "train"))
+        if progress_bar:
+            self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                                  dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Mapping[str, float], tokens: float) -> dict[str, float]:
+        """Records the metrics of `step` (1-based, after the update) plus tokens/s since the
+        previous call; returns the record."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                  "tokens_per_second": (tokens - self._last_tokens) / elapsed, "time": time.time()}
+        self._last_time, self._last_tokens = now, tokens
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                if name not in ("step", "time") and math.isfinite(value):
+                    self._tensorboard.add_scalar(f"train/{name}", value, step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({**{k: f"{record[k]:.4g}" for k in _BAR_FIELDS if k in record},
+                                   "tok/s": f"{record['tokens_per_second']:.0f}"}, refresh=False)
+            self._bar.refresh()
+        return record
+
+    def message(self, text: str) -> None:
+        """A line above the progress bar (or on stdout without one)."""
+        if not self.enabled:
+            return
+        (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        for resource in (self._bar, self._jsonl, self._tensorboard):
+            if resource is not None:
+                resource.close()
