@@ -11,7 +11,7 @@ are imported on use, so that Grain worker processes start quickly.
 
 from mcckd_jax.data.answers import (AnswerMatch, answers_match, extract_answer, find_answer,
                                     normalize_label)
-from mcckd_jax.data.prepare import PrepareConfig, prepare, prepare_records
+from mcckd_jax.data.prepare import PrepareConfig, prepare_files, prepare_records
 from mcckd_jax.data.records import Record, RecordError, read_records
 from mcckd_jax.data.selection import SelectionConfig, select_rationales
 
@@ -25,7 +25,7 @@ __all__ = [
     "extract_answer",
     "find_answer",
     "normalize_label",
-    "prepare",
+    "prepare_files",
     "prepare_records",
     "read_records",
     "select_rationales",

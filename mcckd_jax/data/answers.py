@@ -204,8 +204,13 @@ def _answer_sentence(text: str, asked: _Asked | None) -> Span | None:
 
 
 def _counts(text: str, number: Number, end: int, nouns: frozenset[str]) -> bool:
-    """Whether one of `nouns` is among the two words after the number ("32 more wrappers")."""
-    return any(_stem(w) in nouns for w in re.findall(r"[A-Za-z]+", text[number[2]:end])[:2])
+    """Whether one of `nouns` is among the two words after the number ("32 more wrappers"),
+    before any other number ("52 x 2 beads" counts the 2, not the 52)."""
+    following = text[number[2]:end]
+    next_number = find_numbers(following, words=False)
+    if next_number:
+        following = following[:next_number[0][1]]
+    return any(_stem(w) in nouns for w in re.findall(r"[A-Za-z]+", following)[:2])
 
 
 def _number_in_sentence(text: str, start: int, end: int, asked: _Asked | None) -> Number | None:
@@ -228,7 +233,7 @@ def _number_in_sentence(text: str, start: int, end: int, asked: _Asked | None) -
     new = [n for n in numbers if n[0] not in asked.given]
     counted_new = [n for n in counted if n in new]
     if counted_new or counted:
-        return (counted_new or counted)[-1]
+        return (counted_new or counted)[0]
     return (new or numbers)[0]
 
 

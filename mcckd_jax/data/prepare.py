@@ -146,7 +146,7 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def prepare(input_paths: str | os.PathLike | Sequence[str | os.PathLike],
+def prepare_files(input_paths: str | os.PathLike | Sequence[str | os.PathLike],
             output_path: str | os.PathLike, config: PrepareConfig,
             report_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Reads raw records, prepares them and writes the prepared JSONL and its report.

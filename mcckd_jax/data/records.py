@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -100,18 +101,22 @@ def _jsonl_rows(path: pathlib.Path) -> Iterator[Row | RecordError]:
 def _datasets_rows(path: pathlib.Path, split: str | None) -> Iterator[Row]:
     import datasets  # Imported here: it is slow to import and only these formats need it.
 
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        loaded = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    if isinstance(loaded, datasets.DatasetDict):
-        if split is None and len(loaded) == 1:
-            split = next(iter(loaded))
-        if split not in loaded:
-            raise RecordError(path, None, None, f"choose a split with split=...; this "
-                              f"DatasetDict has {sorted(loaded)}")
-        loaded = loaded[split]
-    yield from enumerate(loaded)
+    # A private cache folder: reading must not leave files in the user's datasets cache.
+    with tempfile.TemporaryDirectory(prefix="mcckd-read-") as cache:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+        else:
+            loaded = datasets.Dataset.from_parquet(str(path), keep_in_memory=True,
+                                                   cache_dir=cache)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split is None and len(loaded) == 1:
+                split = next(iter(loaded))
+            if split not in loaded:
+                raise RecordError(path, None, None, f"choose a split with split=...; this "
+                                  f"DatasetDict has {sorted(loaded)}")
+            loaded = loaded[split]
+        rows = loaded.to_list()
+    yield from enumerate(rows)
 
 
 def _rows(path: pathlib.Path, split: str | None) -> Iterator[Row | RecordError]:

@@ -1,0 +1,1 @@
+"""Command-line entry points: mcckd-prepare (and, as they arrive, mcckd-train, mcckd-eval)."""
