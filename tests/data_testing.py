@@ -18,8 +18,10 @@ import tempfile
 import pytest
 
 from mcckd_jax.data import prepare, records, selection
+from mcckd_jax.data.tokenization import DEFAULT_PROMPT_TEMPLATE
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 HAND_LABELS = TESTS_DIR / "data" / "svamp_multicot_hand_labels.tsv"
 SVAMP_SAMPLE = "mcckd_format/SVAMP/train_multicot_sample.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,7 +73,10 @@ def _t5_tokenizer_dir(shared_data: str) -> str:
     folder = pathlib.Path(tempfile.mkdtemp(prefix="mcckd-test-spm-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     sample = svamp_sample(pathlib.Path(shared_data))
-    texts = [r["instruction"] for r in sample] + [o for r in sample for o in r["output"]]
+    # The corpus holds what the tokenizer will see: prompts, rationales, the answer sentence.
+    texts = [DEFAULT_PROMPT_TEMPLATE.format(question=r["instruction"]) for r in sample]
+    texts += [o for r in sample for o in r["output"]]
+    texts += [prepare.DEFAULT_ANSWER_TEMPLATE.format(answer=r["label"]) for r in sample]
     (folder / "corpus.txt").write_text("\n".join(" ".join(t.split()) for t in texts))
     # T5's id layout: pad 0, eos 1, unk 2, no bos.
     sentencepiece.SentencePieceTrainer.train(
@@ -94,3 +99,19 @@ def t5_tokenizer(shared_data: pathlib.Path):
     """A T5-style unigram sentencepiece tokenizer trained on the SVAMP sample's text, saved as
     a Hugging Face tokenizer directory and loaded back through `load_tokenizer`."""
     return _load(_t5_tokenizer_dir(str(shared_data)))
+
+
+@functools.cache
+def _encoded_svamp(shared_data: str, layout: str):
+    from mcckd_jax.data.tokenization import TokenizationConfig, encode_records
+
+    tokenizer = smollm2_tokenizer() if layout == "decoder_only" else t5_tokenizer(
+        pathlib.Path(shared_data))
+    config = TokenizationConfig(task="svamp", layout=layout, max_length=1024)
+    return encode_records(prepared_svamp(pathlib.Path(shared_data)).records, tokenizer, config)
+
+
+def encoded_svamp(shared_data: pathlib.Path, layout: str = "decoder_only"):
+    """(EncodedDataset, report) of the prepared SVAMP sample; SmolLM2 for decoder-only, the
+    test's sentencepiece tokenizer for encoder-decoder."""
+    return _encoded_svamp(str(shared_data), layout)
