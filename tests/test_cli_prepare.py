@@ -39,7 +39,8 @@ def test_bad_input_is_one_line_on_stderr_and_writes_nothing(tmp_path, capsys, co
     status = cli.main([str(source), "--task", "gsm8k", "--output", str(output)])
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
-    assert captured.err.count("\n") == 1 and str(source) in captured.err and expected in captured.err
+    assert captured.err.count("\n") == 1
+    assert str(source) in captured.err and expected in captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.json"]
 
 

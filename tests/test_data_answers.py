@@ -43,10 +43,12 @@ def test_question_separates_the_answer_from_side_computations():
             "It's worth noting the biology pages: 20 + 29 = 49 pages.")
     assert answers.extract_answer(text, "svamp", question=question) == "20"
     restating = "Dan spent $7 + $6 = $13 in all.\nSince Dan only had $4, he had to borrow."
-    asked = "Dan has $ 4. He bought a candy bar for $ 7 and a chocolate for $ 6. How much did he spend?"
+    asked = ("Dan has $ 4. He bought a candy bar for $ 7 and a chocolate for $ 6. "
+             "How much did he spend?")
     assert answers.extract_answer(restating, "svamp", question=asked) == "13"
     counted = "In other words, the 12 water bottles would last her 2 days, drinking 6 a day."
-    assert answers.extract_answer(counted, "svamp", question="How many days would they last?") == "2"
+    days = "How many days would they last?"
+    assert answers.extract_answer(counted, "svamp", question=days) == "2"
 
 
 def test_find_answer_returns_the_characters_of_the_answer():
@@ -76,7 +78,8 @@ def test_choice_and_yes_no_tasks():
 
 @pytest.mark.parametrize("pred,label,task,match", [
     ("18", "18.0", "gsm8k", True), ("$18", "18", "svamp", True), ("18.00", "18", "asdiv", True),
-    ("0.5", "1/2", "multiarith", True), ("17.99", "18", "gsm8k", False), (None, "18", "gsm8k", False),
+    ("0.5", "1/2", "multiarith", True), ("17.99", "18", "gsm8k", False),
+    (None, "18", "gsm8k", False),
     ("c", "C", "csqa", True), ("(C)", "C", "csqa", True), ("B", "C", "csqa", False),
     ("True", "yes", "strategyqa", True), ("no", "yes", "strategyqa", False),
 ])

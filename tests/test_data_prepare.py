@@ -9,21 +9,21 @@ from mcckd_jax.data import answers, prepare, records
 from mcckd_jax.data.prepare import PrepareConfig, prepare_files, with_answer_sentence
 
 TEMPLATE = prepare.DEFAULT_ANSWER_TEMPLATE
+ANSWER_12 = "Therefore, the answer is 12."
 
 
 @pytest.mark.parametrize("rationale,expected,action", [
-    ("So 5 + 7 = 12.\nTherefore, the answer is 12.", "So 5 + 7 = 12.\nTherefore, the answer is 12.",
-     "kept"),
-    ("So 5 + 7 = 12.\nTherefore, the answer is 12 .", "So 5 + 7 = 12.\nTherefore, the answer is 12.",
-     "rewritten"),
+    ("So 5 + 7 = 12.\nTherefore, the answer is 12.", f"So 5 + 7 = 12.\n{ANSWER_12}", "kept"),
+    ("So 5 + 7 = 12.\nTherefore, the answer is 12 .", f"So 5 + 7 = 12.\n{ANSWER_12}", "rewritten"),
     ("It costs 12 dollars. therefore, the answer is $12.00.",
      "It costs 12 dollars. Therefore, the answer is 12.", "rewritten"),
     ("He has 12 apples.  ", "He has 12 apples. Therefore, the answer is 12.", "appended"),
-    ("First line.\nHe has 12 apples.", "First line.\nHe has 12 apples.\nTherefore, the answer is 12.",
-     "appended"),
+    ("First line.\nHe has 12 apples.", f"First line.\nHe has 12 apples.\n{ANSWER_12}", "appended"),
+    ("Therefore, the answer is that 12 were lost.",
+     "Therefore, the answer is that 12 were lost. Therefore, the answer is 12.", "appended"),
 ])
 def test_answer_sentence(rationale, expected, action):
-    assert with_answer_sentence(rationale, "12", TEMPLATE) == (expected, action)
+    assert with_answer_sentence(rationale, "12", TEMPLATE, "gsm8k") == (expected, action)
 
 
 def test_template_must_hold_one_answer_field():

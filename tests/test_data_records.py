@@ -77,7 +77,8 @@ def dataclass_without_uid(record):
 
 @pytest.mark.parametrize("row,field,message", [
     ({"output": ["r"], "label": "1"}, None, "unknown schema"),
-    ({"instruction": 5, "output": ["r"], "label": "1"}, "instruction", "expected a string, got int"),
+    ({"instruction": 5, "output": ["r"], "label": "1"}, "instruction",
+     "expected a string, got int"),
     ({"instruction": "Q", "output": ["r", 3], "label": "1"}, "output[1]", "expected a string"),
     ({"instruction": "Q", "output": {"a": 1}, "label": "1"}, "output", "got dict"),
     ({"instruction": "Q", "output": ["r"]}, "label", "missing"),

@@ -353,7 +353,9 @@ def answers_match(pred: str | None, label: str, task: str) -> bool:
         return False
     if task in NUMERIC_TASKS:
         pred_value, label_value = parse_number(pred), parse_number(label)
-        return pred_value is not None and label_value is not None and (
-            abs(pred_value - label_value) <= fractions.Fraction(1, 10**6) * max(1, abs(label_value)))
+        if pred_value is None or label_value is None:
+            return False
+        tolerance = fractions.Fraction(1, 10**6) * max(1, abs(label_value))
+        return abs(pred_value - label_value) <= tolerance
     normalized = normalize_label(label, task)
     return normalized is not None and normalize_label(pred, task) == normalized

@@ -56,19 +56,21 @@ def _template_pattern(template: str) -> re.Pattern:
                       rf"{flexible(suffix)}\s*$", re.IGNORECASE)
 
 
-def with_answer_sentence(rationale: str, answer: str, template: str) -> tuple[str, str]:
+def with_answer_sentence(rationale: str, answer: str, template: str,
+                         task: str) -> tuple[str, str]:
     """The rationale ending with the template sentence for `answer`, and what was done.
 
     Returns (text, action) with action "kept" (it already ended with exactly that sentence),
-    "rewritten" (it ended with the template in another spelling, e.g. "is 12 ." or "is $12.",
-    which is replaced) or "appended".
+    "rewritten" (it ended with the template sentence spelling the same answer differently,
+    "is 12 ." or "is $12.00.", which is replaced) or "appended" (anything else, including
+    "the answer is that 367 crayons were lost.", which stays and gets the sentence after it).
     """
     sentence = template.format(answer=answer)
     stripped = rationale.rstrip()
     if stripped.endswith(sentence):
         return stripped, "kept"
     ending = _template_pattern(template).search(stripped)
-    if ending is not None:
+    if ending is not None and answers.normalize_label(ending.group("answer"), task) == answer:
         return stripped[:ending.start()].rstrip() + _separator(stripped) + sentence, "rewritten"
     return stripped + _separator(stripped) + sentence, "appended"
 
@@ -106,7 +108,8 @@ def prepare_records(inputs: Sequence[records.Record], config: PrepareConfig) -> 
             continue
         kept = [record.rationales[i] for i in chosen.kept]
         if config.answer_template is not None:
-            finished = [with_answer_sentence(r, answer, config.answer_template) for r in kept]
+            finished = [with_answer_sentence(r, answer, config.answer_template, config.task)
+                        for r in kept]
             endings.update(action for _, action in finished)
             kept = [text for text, _ in finished]
         prepared.append(dataclasses.replace(record, rationales=tuple(kept), answer=answer))
