@@ -91,3 +91,10 @@ def test_write_atomically_leaves_no_temporary_file_on_failure(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         prepare.write_atomically(target, "text")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_same_seed_same_prepared_file(shared_data, tmp_path):
+    config = PrepareConfig(task="svamp")
+    prepare_files(shared_data / SVAMP_SAMPLE, tmp_path / "a.jsonl", config)
+    prepare_files(shared_data / SVAMP_SAMPLE, tmp_path / "b.jsonl", config)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()

@@ -27,6 +27,7 @@ Legend: B questions per process and batch, G questions per global batch, K ratio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 
@@ -67,6 +68,12 @@ class PipelineConfig:
             raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
 
+@functools.lru_cache(maxsize=8)  # thread-safe; a batch spans at most two epochs
+def _epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the questions."""
+    return np.random.default_rng([seed, _PERMUTATION_STREAM, epoch]).permutation(size)
+
+
 def _check_process(process_index: int, process_count: int) -> None:
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
@@ -89,7 +96,6 @@ class TrainBatches:
         self.lengths = data.sequence_lengths()
         batching.bucket_for(int(self.lengths.max()), config.bucket_lengths)
         self.global_batch = config.batch_size * process_count
-        self._permutations: dict[int, np.ndarray] = {}
 
     @property
     def num_steps(self) -> int:
@@ -99,14 +105,9 @@ class TrainBatches:
         return math.ceil(self.config.num_epochs * self.data.num_questions / self.global_batch)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            size = self.data.num_questions
-            rng = np.random.default_rng([self.config.seed, _PERMUTATION_STREAM, epoch])
-            if len(self._permutations) >= 4:  # a batch spans at most two epochs
-                self._permutations.pop(next(iter(self._permutations)))
-            self._permutations[epoch] = (rng.permutation(size) if self.config.shuffle
-                                         else np.arange(size))
-        return self._permutations[epoch]
+        if not self.config.shuffle:
+            return np.arange(self.data.num_questions)
+        return _epoch_permutation(self.config.seed, epoch, self.data.num_questions)
 
     def _slot(self, slot: int) -> tuple[int, int]:
         """(epoch, question) of a slot of the stream; question -1 past the last epoch."""
