@@ -49,7 +49,7 @@ class PipelineConfig:
     num_rationales: int = 2  # K: rationales per question in a batch (fewer are masked)
     bucket_lengths: tuple[int, ...] = (128, 256, 512)  # allowed L (eval: allowed P)
     encoder_bucket_lengths: tuple[int, ...] = (64, 128, 256, 512)  # allowed E (encoder-decoder)
-    max_span_tokens: int = 8  # S: answer-span width; must be >= the encoder's max_span_tokens
+    max_span_tokens: int = 8  # S: answer-span width; >= TokenizationConfig.max_span_tokens
     seed: int = 0  # question order and rationale sampling
     shuffle: bool = True  # False: every epoch visits the questions in file order
     num_epochs: int | None = None  # passes over the data; None repeats forever
@@ -68,7 +68,7 @@ class PipelineConfig:
             raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
 
-@functools.lru_cache(maxsize=8)  # thread-safe; a batch spans at most two epochs
+@functools.lru_cache(maxsize=8)  # thread-safe; nearby batches share their few epochs
 def _epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
     """The order in which epoch `epoch` visits the questions."""
     return np.random.default_rng([seed, _PERMUTATION_STREAM, epoch]).permutation(size)
