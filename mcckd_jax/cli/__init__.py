@@ -1,1 +1,1 @@
-"""Command-line entry points: mcckd-prepare, mcckd-train, mcckd-eval."""
+"""Command-line entry points: mcckd-prepare, mcckd-train (and mcckd-eval as it arrives)."""
