@@ -120,22 +120,27 @@ def apply_overrides(config: T, overrides: Sequence[str]) -> T:
         for depth, part in enumerate(parts):
             prefix = ".".join(parts[:depth])
             prefix = f"{prefix}." if prefix else ""
-            if cls is None or not dataclasses.is_dataclass(cls):
+            if cls is dict:  # a free-form mapping field: any key
+                pass
+            elif cls is None or not dataclasses.is_dataclass(cls):
                 raise ConfigError(f"override {key}: {prefix.rstrip('.')} is not a section")
-            if part not in {f.name for f in dataclasses.fields(cls)}:
+            elif part not in {f.name for f in dataclasses.fields(cls)}:
                 raise _unknown_key(cls, part, prefix)
             if depth == len(parts) - 1:
                 node[part] = yaml.safe_load(raw)
             else:
-                cls = _dataclass_of(typing.get_type_hints(cls)[part])
+                cls = dict if cls is dict else _section_of(typing.get_type_hints(cls)[part])
                 node[part] = node.get(part) if isinstance(node.get(part), dict) else {}
                 node = node[part]
     return from_dict(type(config), data)
 
 
-def _dataclass_of(kind):
+def _section_of(kind):
+    """The dataclass (or dict) that a field's value is, for descending into it."""
     if dataclasses.is_dataclass(kind):
         return kind
+    if kind is dict or typing.get_origin(kind) in (dict, Mapping):
+        return dict
     candidates = [a for a in typing.get_args(kind) if dataclasses.is_dataclass(a)]
     return candidates[0] if candidates else None
 

@@ -20,9 +20,10 @@ def initialize_from_environment() -> None:
     """
     num_processes = int(os.environ.get("MCCKD_NUM_PROCESSES", "1"))
     if num_processes > 1:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-            # CPU collectives across processes need gloo (used by the localhost tests).
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Collectives between CPU devices of several processes need gloo (the localhost
+        # tests); the setting concerns CPU devices only. Asking for the backend here would
+        # initialise it too early.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=os.environ["MCCKD_COORDINATOR"],
                                    num_processes=num_processes,
                                    process_id=int(os.environ["MCCKD_PROCESS_ID"]))

@@ -76,7 +76,10 @@ def make_mesh(per_host: Sequence[int] = (-1, 1, 1), across_hosts: Sequence[int] 
     if num_hosts == 1:
         device_grid = mesh_utils.create_device_mesh(per_host, devices, allow_split_physical_axes=True)
     else:
-        device_grid = mesh_utils.create_hybrid_device_mesh(per_host, tuple(across_hosts), devices)
+        # TPU slices carry slice_index; on GPU/CPU hosts the process is the granule.
+        device_grid = mesh_utils.create_hybrid_device_mesh(
+            per_host, tuple(across_hosts), devices,
+            process_is_granule=devices[0].platform != "tpu")
     return Mesh(np.asarray(device_grid), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,6 +63,7 @@ class Checkpointer:
                        data_iterator) -> TrainState | None:
         """The newest checkpoint that restores, into `state`'s structure and `shardings`;
         the iterator is moved to its saved position. None when there is none."""
+        damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             items = dict(
                 params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
@@ -78,12 +80,26 @@ class Checkpointer:
                 log.warning("checkpoint %d in %s does not restore (%s: %s); falling back to "
                             "the previous one", step, self.directory, type(error).__name__,
                             str(error).splitlines()[0] if str(error) else "")
+                damaged.append(step)
                 continue
+            self._set_aside(damaged)
             log.info("resumed from checkpoint %d in %s", step, self.directory)
             return TrainState(step=restored.optimizer["step"], params=restored.params,
                               model_state=restored.get("model_state", state.model_state),
                               opt_state=restored.optimizer["opt_state"])
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged checkpoints out of the way (kept for inspection) so that the resumed
+        run can save those steps again."""
+        if not steps or jax.process_index() != 0:
+            return
+        aside = self.directory.parent / "damaged_checkpoints"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            (self.directory / str(step)).rename(aside / f"{step}-{time.time_ns()}")
+            log.warning("moved damaged checkpoint %d to %s", step, aside)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -118,7 +118,8 @@ def train(config: TrainConfig) -> list[dict]:
     tx = optimizer.make_optimizer(config.optimizer, run.steps)
     graphdef, state, shardings = train_state.create_train_state(model, tx, mesh=mesh, rules=rules)
     del model
-    if (fraction := train_state.replicated_fraction(state, mesh)) > 0.25:
+    model_parallel = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
+    if model_parallel and (fraction := train_state.replicated_fraction(state, mesh)) > 0.25:
         log.warning("%.0f%% of the parameter and optimizer bytes are replicated on every device; "
                     "check mesh.rules", 100 * fraction)
     checkpointer = checkpointing.Checkpointer(run.output_dir, save_every=run.checkpoint_every,

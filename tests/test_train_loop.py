@@ -1,0 +1,152 @@
+"""mcckd-train end to end, as separate processes: resume after SIGTERM and after kill -9 gives
+the losses of an uninterrupted run, a damaged checkpoint is skipped, and two processes of four
+CPU devices reproduce one process of eight.
+
+Real data: the SVAMP teacher sample from ../shared, prepared by mcckd-prepare's function, with
+the test's own sentencepiece tokenizer and a tiny LLaMA trained from scratch.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import data_testing
+from mcckd_jax.data import prepare, selection
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_inputs")
+    prepare.prepare_files(shared_data / data_testing.SVAMP_SAMPLE, folder / "svamp.jsonl",
+                          prepare.PrepareConfig(task="svamp",
+                                                selection=selection.SelectionConfig(num_rationales=4)))
+    tokenizer = data_testing._t5_tokenizer_dir(str(shared_data))
+    return folder / "svamp.jsonl", tokenizer
+
+
+def command(inputs, output_dir, *extra):
+    data, tokenizer = inputs
+    return [sys.executable, "-m", "mcckd_jax.cli.train", str(REPO_ROOT / "configs" / "tiny.yaml"),
+            f"data.train_files=[{data}]", f"data.tokenizer={tokenizer}",
+            "student.architecture.vocab_size=1000", f"run.output_dir={output_dir}",
+            f"run.steps={STEPS}", "run.checkpoint_every=2", "run.progress_bar=false",
+            "run.async_checkpoints=false", *extra]
+
+
+def environment(devices=8, **extra):
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MCCKD_NUM_PROC")}
+    return {**inherited, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+def start(inputs, output_dir, *extra, env=None):
+    return subprocess.Popen(command(inputs, output_dir, *extra), env=env or environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def losses(output_dir) -> dict[int, float]:
+    """The loss of every step in metrics.jsonl (a resumed step: its latest record)."""
+    lines = (pathlib.Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def wait_for(predicate, process, timeout=240):
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"condition not reached; output:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    finish(start(inputs, output_dir))
+    result = losses(output_dir)
+    assert sorted(result) == list(range(1, STEPS + 1))
+    return output_dir, result
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_restart_continues_with_identical_losses(inputs, uninterrupted,
+                                                                       tmp_path):
+    _, expected = uninterrupted
+    process = start(inputs, tmp_path)
+    wait_for(lambda: len(losses_if_any(tmp_path)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    output = finish(process)
+    assert "stopped at step" in output
+    stopped = max(losses(tmp_path))
+    assert stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+    finish(start(inputs, tmp_path))
+    resumed = losses(tmp_path)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert resumed == expected  # every step, bit for bit
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_checkpoint_resumes_with_identical_losses(inputs, uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    process = start(inputs, tmp_path)
+    committed = tmp_path / "checkpoints" / "2" / "commit_success.txt"
+    wait_for(committed.exists, process)
+    process.kill()
+    process.wait()
+    finish(start(inputs, tmp_path))
+    assert losses(tmp_path) == expected
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(inputs, uninterrupted,
+                                                                    tmp_path):
+    source, expected = uninterrupted
+    subprocess.run(["cp", "-r", str(source) + "/.", str(tmp_path)], check=True)
+    for file in (tmp_path / "checkpoints" / str(STEPS) / "params").rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"damaged")
+    output = finish(start(inputs, tmp_path))
+    assert f"checkpoint {STEPS} in" in output and "falling back to the previous one" in output
+    assert f"resumed from checkpoint {STEPS - 2}" in output
+    assert losses(tmp_path) == expected
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_reproduce_one_process_of_eight(inputs, uninterrupted,
+                                                                      tmp_path):
+    _, expected = uninterrupted
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [
+        start(inputs, tmp_path, "data.pipeline.batch_size=4", "mesh.across_hosts=[2,1,1]",
+              env=environment(devices=4, MCCKD_NUM_PROCESSES="2", MCCKD_PROCESS_ID=str(i),
+                              MCCKD_COORDINATOR=f"127.0.0.1:{port}"))
+        for i in range(2)]
+    for process in processes:
+        finish(process)
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5)
+
+
+def losses_if_any(output_dir) -> dict[int, float]:
+    path = pathlib.Path(output_dir) / "metrics.jsonl"
+    return losses(output_dir) if path.exists() else {}
