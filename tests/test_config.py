@@ -1,11 +1,14 @@
 """Typed YAML configs with dotted overrides."""
 
 import dataclasses
+import pathlib
 from typing import Literal
 
 import pytest
 
 from mcckd_jax import config as cfg
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +78,14 @@ def test_saved_config_loads_back_identically(tmp_path):
     cfg.save(config, tmp_path / "resolved.yaml")
     assert cfg.load(Experiment, tmp_path / "resolved.yaml") == config
     assert [p.name for p in tmp_path.iterdir()] == ["resolved.yaml"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_gives_its_command(path):
+    from mcckd_jax.train.config import TrainConfig
+
+    config = cfg.load(TrainConfig, path)
+    assert config.run.steps >= 1
+    header = path.read_text().splitlines()[:8]
+    assert header[0].startswith("# ")
+    assert any(f"mcckd-train configs/{path.name}" in line for line in header)
