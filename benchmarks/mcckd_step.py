@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_step import SMOLLM2, model_flops_per_token  # noqa: E402
+from model_step import SMOLLM2, model_flops_per_token, print_table  # noqa: E402
 
 
 def synthetic_batch(questions: int, views: int, length: int, span: int, vocab: int) -> dict:
@@ -108,6 +108,14 @@ def run_jax(batch: dict, steps: int, remat: str) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps, temp
 
 
+FRAMEWORKS = ("torch", "jax", "jax-remat")
+
+
+def child_command(args, framework: str) -> list[str]:
+    return [sys.executable, __file__, "--framework", framework, "--questions",
+            str(args.questions), "--length", str(args.length), "--steps", str(args.steps)]
+
+
 def child(args) -> None:
     batch = synthetic_batch(args.questions, 2, args.length, 4, SMOLLM2["vocab_size"])
     result = {"framework": args.framework}
@@ -132,26 +140,22 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds")
     parser.add_argument("--framework", choices=["torch", "jax", "jax-remat"])
     args = parser.parse_args()
     if args.framework:
         child(args)
         return
-    results = []
-    for framework in ("torch", "jax", "jax-remat"):
-        out = subprocess.run([sys.executable, __file__, "--framework", framework,
-                              "--questions", str(args.questions), "--length", str(args.length),
-                              "--steps", str(args.steps)], check=True, capture_output=True,
-                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(out.stdout.strip().splitlines()[-1], flush=True)
-    base = results[0]
-    print("\n| step | tokens/s | ratio to PyTorch | peak RSS GiB | ratio | GFLOP/s (model) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        print(f"| {r['framework']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x"
-              f" | {r['peak_rss_gib']} | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f}x"
-              f" | {r['gflops_per_s']} |")
+    rounds = []
+    for _ in range(args.repeats):  # interleaved rounds: the machine is shared and noisy
+        results = []
+        for framework in FRAMEWORKS:
+            out = subprocess.run(child_command(args, framework), check=True, capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+        rounds.append(results)
+    print_table(rounds)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 # FLOPs of one token forward+backward: 6 per parameter that touches it (2 forward, 4 backward)
 # plus attention scores/values, 12 * layers * length * width (causal halves the useful part,
 # but both frameworks compute the full square, so it is counted).
@@ -103,6 +105,14 @@ def run_jax(batch: int, length: int, steps: int, chunked: bool) -> dict:
                 compiled_temp_gib=round(temp, 3))
 
 
+FRAMEWORKS = ("torch", "jax", "jax-chunked")
+
+
+def child_command(args, framework: str) -> list[str]:
+    return [sys.executable, __file__, "--framework", framework, "--batch", str(args.batch),
+            "--length", str(args.length), "--steps", str(args.steps)]
+
+
 def child(args) -> None:
     if args.framework == "torch":
         result = run_torch(args.batch, args.length, args.steps)
@@ -121,26 +131,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds")
     parser.add_argument("--framework", choices=["torch", "jax", "jax-chunked"])
     args = parser.parse_args()
     if args.framework:
         child(args)
         return
-    results = []
-    for framework in ("torch", "jax", "jax-chunked"):
-        out = subprocess.run([sys.executable, __file__, "--framework", framework,
-                              "--batch", str(args.batch), "--length", str(args.length),
-                              "--steps", str(args.steps)], check=True, capture_output=True,
-                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(out.stdout.strip().splitlines()[-1], flush=True)
-    base = results[0]
-    print("\n| run | tokens/s | ratio to PyTorch | peak RSS GiB | ratio | GFLOP/s |")
+    rounds = []
+    for _ in range(args.repeats):  # interleaved rounds: the machine is shared and noisy
+        results = []
+        for framework in FRAMEWORKS:
+            out = subprocess.run(child_command(args, framework), check=True, capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+        rounds.append(results)
+    print_table(rounds)
+
+
+def print_table(rounds: list[list[dict]]) -> None:
+    """Per framework: median tokens/s and peak RSS over rounds, and the median of the
+    per-round ratios to PyTorch (each ratio from runs taken minutes apart)."""
+    print(f"\n{len(rounds)} round(s); medians")
+    print("| run | tokens/s | ratio to PyTorch | peak RSS GiB | ratio | GFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        print(f"| {r['framework']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x"
-              f" | {r['peak_rss_gib']} | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f}x"
-              f" | {r['gflops_per_s']} |")
+    for index in range(len(rounds[0])):
+        runs = [r[index] for r in rounds]
+        speed = [r[index]["tokens_per_s"] / r[0]["tokens_per_s"] for r in rounds]
+        memory = [r[index]["peak_rss_gib"] / r[0]["peak_rss_gib"] for r in rounds]
+        print(f"| {runs[0]['framework']} | {np.median([r['tokens_per_s'] for r in runs]):.1f} | "
+              f"{np.median(speed):.2f}x | {np.median([r['peak_rss_gib'] for r in runs]):.2f} | "
+              f"{np.median(memory):.2f}x | {np.median([r['gflops_per_s'] for r in runs]):.1f} |")
 
 
 if __name__ == "__main__":
