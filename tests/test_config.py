@@ -39,7 +39,7 @@ class Experiment:
 def test_yaml_and_overrides_fill_nested_typed_fields(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("steps: 5\noptim:\n  learning_rate: 3\nmesh: [2, 2, 2]\n")
-    config = cfg.load(Experiment, path, ["optim.schedule=linear", "lora.rank=4",
+    config = cfg.load(Experiment, path, ["optim.schedule=linear", "lora.rank=4", "optim.learning_rate=3e0",
                                          "lora.targets=[q_proj, v_proj]", "output_dir=/tmp/o"])
     assert config == Experiment(steps=5, output_dir="/tmp/o", mesh=(2, 2, 2),
                                 optim=Optim(learning_rate=3.0, schedule="linear"),

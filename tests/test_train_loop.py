@@ -7,6 +7,7 @@ the test's own sentencepiece tokenizer and a tiny LLaMA trained from scratch.
 """
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -150,3 +151,33 @@ def test_two_processes_of_four_devices_reproduce_one_process_of_eight(inputs, un
 def losses_if_any(output_dir) -> dict[int, float]:
     path = pathlib.Path(output_dir) / "metrics.jsonl"
     return losses(output_dir) if path.exists() else {}
+
+
+@pytest.mark.slow
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(inputs, uninterrupted,
+                                                                     tmp_path):
+    source, _ = uninterrupted
+    subprocess.run(["cp", "-r", str(source) + "/.", str(tmp_path)], check=True)
+    for step in (6, 4):  # keep checkpoint 2 only
+        subprocess.run(["rm", "-r", str(tmp_path / "checkpoints" / str(step))], check=True)
+    # Resumed at step 2 with a learning rate of 1e30, the weights overflow in step 3.
+    process = start(inputs, tmp_path, "optimizer.learning_rate=1e30", "optimizer.warmup_steps=0")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 1, output[-3000:]
+    message = [line for line in output.splitlines() if line.startswith("mcckd-train:")]
+    assert len(message) == 1, output[-3000:]
+    assert message[0].startswith("mcckd-train: step 3: ")
+    assert "not finite" in message[0] or "loss is nan" in message[0]
+    assert "the last good checkpoint is step 2" in message[0]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+@pytest.mark.slow
+def test_the_t5_student_trains_through_the_same_command(inputs, tmp_path):
+    output = finish(start(inputs, tmp_path, "student.family=t5", "run.steps=3",
+                          "data.pipeline.encoder_bucket_lengths=[64,128]"))
+    assert "encoder_tokens" in output  # the compiled step saw the encoder-decoder batch
+    result = losses(tmp_path)
+    assert sorted(result) == [1, 2, 3]
+    # T5's initialisation (unit-variance embeddings) starts far above ln(vocab); it must fall.
+    assert all(map(math.isfinite, result.values())) and result[3] < result[1]

@@ -97,12 +97,16 @@ class _CompiledSteps:
 
 
 def _check_finite(step: int, metrics: Mapping[str, float], checkpointer) -> None:
-    if not math.isfinite(metrics["loss"]):
-        latest = checkpointer.manager.latest_step()
-        where = (f"the last good checkpoint is step {latest} in {checkpointer.directory}"
-                 if latest is not None else "no checkpoint was written")
-        raise NonFiniteLoss(f"step {step}: loss is {metrics['loss']} (ce {metrics['ce']}, "
-                            f"kl {metrics['kl']}); stopping; {where}")
+    """Stops the run when step `step` produced a non-finite loss or non-finite weights."""
+    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["param_norm"]):
+        return
+    latest = checkpointer.manager.latest_step()
+    where = (f"the last good checkpoint is step {latest} in {checkpointer.directory}"
+             if latest is not None else "no checkpoint was written")
+    what = (f"loss is {metrics['loss']} (ce {metrics['ce']}, kl {metrics['kl']})"
+            if not math.isfinite(metrics["loss"]) else
+            f"the updated weights are not finite (norm {metrics['param_norm']})")
+    raise NonFiniteLoss(f"step {step}: {what}; stopping; {where}")
 
 
 def train(config: TrainConfig) -> list[dict]:

@@ -120,6 +120,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metrics = {"loss": ce + objective.alpha * kl, "ce": ce, "kl": kl,
                    "argmax_agreement": sums["agree_sum"] / jnp.maximum(sums["span_tokens"], 1.0),
                    "grad_norm": optax.tree.norm(grads),
+                   # Of the updated parameters: the loop saves no state whose weights overflowed.
+                   "param_norm": optax.tree.norm(params),
                    "learning_rate": learning_rate(state.step),
                    **{k: sums[k] for k in _SUMMED}}
         new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
