@@ -66,16 +66,21 @@ def _convert(kind, value, key: str):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
+    if kind is float and isinstance(value, str) and _is_float(value):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if kind in (int, float, str, bool):
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported field type {kind}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _unknown_key(cls, key: str, prefix: str) -> ConfigError:
@@ -125,12 +130,11 @@ def apply_overrides(config: T, overrides: Sequence[str]) -> T:
         for depth, part in enumerate(parts):
             prefix = ".".join(parts[:depth])
             prefix = f"{prefix}." if prefix else ""
-            if cls is dict:  # a free-form mapping field: any key
-                pass
-            elif cls is None or not dataclasses.is_dataclass(cls):
-                raise ConfigError(f"override {key}: {prefix.rstrip('.')} is not a section")
-            elif part not in {f.name for f in dataclasses.fields(cls)}:
-                raise _unknown_key(cls, part, prefix)
+            if cls is not dict:  # a free-form mapping field takes any key
+                if cls is None or not dataclasses.is_dataclass(cls):
+                    raise ConfigError(f"override {key}: {prefix.rstrip('.')} is not a section")
+                if part not in {f.name for f in dataclasses.fields(cls)}:
+                    raise _unknown_key(cls, part, prefix)
             if depth == len(parts) - 1:
                 node[part] = yaml.safe_load(raw)
             else:
