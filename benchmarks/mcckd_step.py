@@ -18,14 +18,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_step import SMOLLM2, model_flops_per_token, print_table  # noqa: E402
+from model_step import SMOLLM2, model_flops_per_token, print_table, run_rounds  # noqa: E402
 
 
 def synthetic_batch(questions: int, views: int, length: int, span: int, vocab: int) -> dict:
@@ -146,16 +145,7 @@ def main() -> None:
     if args.framework:
         child(args)
         return
-    rounds = []
-    for _ in range(args.repeats):  # interleaved rounds: the machine is shared and noisy
-        results = []
-        for framework in FRAMEWORKS:
-            out = subprocess.run(child_command(args, framework), check=True, capture_output=True,
-                                 text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(out.stdout.strip().splitlines()[-1], flush=True)
-        rounds.append(results)
-    print_table(rounds)
+    print_table(run_rounds(args, FRAMEWORKS, child_command))
 
 
 if __name__ == "__main__":

@@ -137,16 +137,22 @@ def main() -> None:
     if args.framework:
         child(args)
         return
+    print_table(run_rounds(args, FRAMEWORKS, child_command))
+
+
+def run_rounds(args, frameworks, child_command) -> list[list[dict]]:
+    """Runs every framework's child process once per round; rounds interleave them because
+    the machine is shared and noisy. Returns the JSON results, round by round."""
     rounds = []
-    for _ in range(args.repeats):  # interleaved rounds: the machine is shared and noisy
+    for _ in range(args.repeats):
         results = []
-        for framework in FRAMEWORKS:
+        for framework in frameworks:
             out = subprocess.run(child_command(args, framework), check=True, capture_output=True,
                                  text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(out.stdout.strip().splitlines()[-1], flush=True)
         rounds.append(results)
-    print_table(rounds)
+    return rounds
 
 
 def print_table(rounds: list[list[dict]]) -> None:
