@@ -7,8 +7,8 @@ Run by hand (not a test):
 The PyTorch step is what the authors' code does, written for transformers: LlamaForCausalLM
 forward over all B*K sequences, full-vocabulary logits, masked token cross-entropy, the
 bidirectional KL at the answer-span positions, backward, AdamW. Ours is `mcckd_jax.train.step`
-(chunked CE from hidden states, span-only logits, donated state) with the same batch, both in
-float32 on all cores. Each runs in its own process so peak RSS is its own. Random weights (the
+(chunked CE of 256 tokens from hidden states, span-only logits, donated state; "jax-remat"
+runs the layers as a rematerialised scan) with the same batch, both in float32 on all cores. Each runs in its own process so peak RSS is its own. Random weights (the
 speed does not depend on them); architecture of SmolLM2-135M.
 """
 
@@ -25,6 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_step import SMOLLM2, model_flops_per_token, print_table, run_rounds  # noqa: E402
+
+CHUNK_SIZE = int(os.environ.get("MCCKD_BENCH_CHUNK", "256"))  # tokens per cross-entropy chunk
 
 
 def synthetic_batch(questions: int, views: int, length: int, span: int, vocab: int) -> dict:
@@ -89,7 +91,8 @@ def run_jax(batch: dict, steps: int, remat: str) -> tuple[float, float]:
     tx = optimizer.make_optimizer(config, 1000)
     graphdef, state, shardings = train_state.create_train_state(model, tx, mesh=mesh)
     del model
-    step_fn = train_step.make_train_step(graphdef, tx, train_step.ObjectiveConfig(chunk_size=512),
+    objective = train_step.ObjectiveConfig(chunk_size=CHUNK_SIZE)
+    step_fn = train_step.make_train_step(graphdef, tx, objective,
                                          optimizer.learning_rate_schedule(config, 1000))
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     arrays = jax.device_put(batch, batch_sharding)
