@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mcckd_jax import sharding
-from mcckd_jax.models.construct import BASE, build_with_base_weights
+from mcckd_jax.models.construct import abstract_model, build_with_base_weights
 from mcckd_jax.models.hf_names import hf_name
 
 
@@ -152,8 +152,8 @@ def load_named_tensors(model_factory: Callable[[], nnx.Module], tensors: NamedTe
     Raises:
       CheckpointError: a weight is missing, unexpected or of the wrong shape (names them).
     """
-    with sharding.activate(mesh, rules):
-        _, base_abstract, _ = nnx.split(nnx.eval_shape(model_factory), BASE, ...)
+    abstract = abstract_model(model_factory, mesh=mesh, rules=rules)
+    _, base_abstract = abstract
     targets = {}
     for path, variable in nnx.to_flat_state(base_abstract):
         name, transposed = hf_name(path, prefix=hf_prefix, unprefixed=hf_unprefixed)
@@ -186,4 +186,5 @@ def load_named_tensors(model_factory: Callable[[], nnx.Module], tensors: NamedTe
         return jax.make_array_from_callback(abstract.shape,
                                             jax.sharding.NamedSharding(mesh, spec), read_shard)
 
-    return build_with_base_weights(model_factory, device_value, mesh=mesh, rules=rules)
+    return build_with_base_weights(model_factory, device_value, mesh=mesh, rules=rules,
+                                   abstract=abstract)
