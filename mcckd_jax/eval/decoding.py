@@ -1,58 +1,195 @@
-"""Batched autoregressive decoding of a decoder-only student with its KV cache.
+"""Batched autoregressive decoding of either student with its KV cache: greedy or sampled.
 
-Prompts are left-padded so that every row's next token is written at the same cache slot;
-RoPE positions count real tokens only (cumsum(mask) - 1), as Hugging Face `generate` does.
+Decoder-only (LLaMA) prompts are left-padded so that every row's next token is written at the
+same cache slot; RoPE positions count real tokens only (cumsum(mask) - 1), as Hugging Face
+`generate` does. Encoder-decoder (T5) prompts go to the encoder with their mask (either side
+padded); the decoder starts from `decoder_start_token_id`, as `T5ForConditionalGeneration`.
 
-Shape legend: B batch, L prompt length, N new tokens, V vocabulary.
+The whole loop is one jitted call, compiled once per (model graph, batch, prompt length,
+sampling config): bucket prompt lengths (`mcckd_jax.data.batching.bucket_for`) to bound the
+number of compilations. It is a `lax.while_loop` over a fixed [B, N] buffer that stops as
+soon as every row has emitted EOS.
+
+Shape legend: B batch, L prompt length, N new tokens, V vocabulary, D hidden width.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mcckd_jax.models.kv_cache import KVCache
+from mcckd_jax.models.llama import LlamaModel
+from mcckd_jax.models.t5 import CrossKV, T5Model
+from mcckd_jax.sharding import constrain
 
-def _prefill(model, prompt_BL, prompt_mask_BL, max_new_tokens):
+_BATCH = ("act_batch", None)
+_CACHE = ("act_batch", None, "act_kv_heads", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen (hashable: it is a static argument of the jitted loop)."""
+
+    temperature: float = 0.0  # 0 = greedy (argmax); otherwise softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus: sample among the most likely tokens holding this mass
+    max_new_tokens: int = 256  # N, the width of the output buffer
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def nucleus_logits(logits_BV: jax.Array, top_p: float) -> jax.Array:
+    """Logits with every token outside the top-p nucleus set to -inf.
+
+    A token is kept when the probability of the tokens strictly more likely than it is below
+    top_p (Hugging Face's `TopPLogitsWarper`, ties kept together); the most likely token is
+    always kept, so top_p = 0 leaves the argmax alone.
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept_B = jnp.maximum(jnp.sum(mass_before_BV < top_p, axis=-1), 1)
+    # Masking by the smallest kept logit instead of scattering back through the sort order.
+    cutoff_B = jnp.take_along_axis(sorted_BV, kept_B[:, None] - 1, axis=-1)
+    return jnp.where(logits_BV >= cutoff_B, logits_BV, -jnp.inf)
+
+
+def choose_tokens(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Next tokens [B] int32: argmax at temperature 0, else a draw from the tempered nucleus."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    scaled_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_p < 1.0:
+        scaled_BV = nucleus_logits(scaled_BV, sampling.top_p)
+    return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    # The cache is created inside the jitted loop; pinning it to the batch/heads layout of the
+    # activations keeps every step's update local to its shard.
+    return dataclasses.replace(cache, keys=tuple(constrain(k, _CACHE) for k in cache.keys),
+                               values=tuple(constrain(v, _CACHE) for v in cache.values))
+
+
+def _llama_start(model: LlamaModel, prompt_BL, prompt_mask_BL, cache_length):
+    """Prefill: logits [B, V] of the first new token and the loop state (positions, cache)."""
     batch, length = prompt_BL.shape
-    cache = model.init_cache(batch, length + max_new_tokens)
+    cache = _constrain_cache(model.init_cache(batch, length + cache_length))
     positions_BL = jnp.maximum(jnp.cumsum(prompt_mask_BL, axis=1) - 1, 0).astype(jnp.int32)
     hidden_BLD, cache = model.decode(prompt_BL, cache, positions_BL=positions_BL,
                                      attention_mask_BL=prompt_mask_BL)
-    return model.logits(hidden_BLD[:, -1]), positions_BL[:, -1], cache
+    return model.logits(hidden_BLD[:, -1]), (positions_BL[:, -1], cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_ids",
+def _llama_step(model: LlamaModel, token_B, state):
+    position_B, cache = state
+    position_B = position_B + 1
+    hidden_B1D, cache = model.decode(token_B[:, None], cache, positions_BL=position_B[:, None])
+    return model.logits(hidden_B1D[:, 0]), (position_B, cache)
+
+
+def _t5_start(model: T5Model, prompt_BL, prompt_mask_BL, cache_length):
+    """Encoder pass, cross-attention keys/values, then the decoder on its start token."""
+    batch = prompt_BL.shape[0]
+    cross = model.cross_cache(model.encode(prompt_BL, prompt_mask_BL), prompt_mask_BL)
+    # One more slot than the decoder-only student: the start token occupies the first.
+    cache = _constrain_cache(model.init_cache(batch, cache_length + 1))
+    start_B = jnp.full((batch,), model.config.decoder_start_token_id, jnp.int32)
+    return _t5_step(model, start_B, (cache, cross))
+
+
+def _t5_step(model: T5Model, token_B, state: tuple[KVCache, CrossKV]):
+    cache, cross = state
+    hidden_B1D, cache = model.decode(token_B[:, None], cache, cross)
+    return model.logits(hidden_B1D[:, 0]), (cache, cross)
+
+
+# Per student: (start(model, prompt_BL, mask_BL, cache slots to add) -> (logits_BV, state),
+#               step(model, token_B, state) -> (logits_BV, state)).
+_STUDENTS: dict[type, tuple[Callable, Callable]] = {
+    LlamaModel: (_llama_start, _llama_step),
+    T5Model: (_t5_start, _t5_step),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_token_ids",
                                              "pad_token_id"))
-def _greedy(graphdef, state, prompt_BL, prompt_mask_BL, *, max_new_tokens, eos_token_ids,
-            pad_token_id):
+def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: SamplingConfig,
+              eos_token_ids: tuple[int, ...], pad_token_id: int):
     model = nnx.merge(graphdef, state)
-    logits_BV, last_position_B, cache = _prefill(model, prompt_BL, prompt_mask_BL, max_new_tokens)
+    start, step = _STUDENTS[type(model)]
+    prompt_BL = constrain(prompt_BL, _BATCH)
+    prompt_mask_BL = constrain(prompt_mask_BL, _BATCH)
+    num_new = sampling.max_new_tokens
     eos = jnp.asarray(eos_token_ids, jnp.int32)
 
-    def step(carry, _):
-        logits_BV, position_B, cache, done_B = carry
-        token_B = jnp.where(done_B, pad_token_id, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
-        done_B = done_B | jnp.isin(token_B, eos)
-        hidden, cache = model.decode(token_B[:, None], cache, positions_BL=(position_B + 1)[:, None])
-        return (model.logits(hidden[:, 0]), position_B + 1, cache, done_B), token_B
+    def emit(logits_BV, index, done_B):
+        token_B = choose_tokens(logits_BV, jax.random.fold_in(rng, index), sampling)
+        token_B = jnp.where(done_B, pad_token_id, token_B)
+        return token_B, done_B | jnp.isin(token_B, eos)
 
-    done_B = jnp.zeros(prompt_BL.shape[0], bool)
-    _, tokens_NB = jax.lax.scan(step, (logits_BV, last_position_B, cache, done_B), None,
-                                length=max_new_tokens)
-    return tokens_NB.T
+    # Token n is chosen from the logits of decoding token n - 1: N - 1 decoding steps and
+    # N - 1 cache slots beyond the prompt (the last token is never fed back).
+    logits_BV, decoder_state = start(model, prompt_BL, prompt_mask_BL, num_new - 1)
+    token_B, done_B = emit(logits_BV, 0, jnp.zeros(prompt_BL.shape[0], bool))
+    tokens_BN = jnp.full((prompt_BL.shape[0], num_new), pad_token_id, jnp.int32)
+    tokens_BN = constrain(tokens_BN.at[:, 0].set(token_B), _BATCH)
+
+    def not_finished(carry):
+        index, _, _, done_B, _ = carry
+        return (index < num_new) & ~jnp.all(done_B)
+
+    def body(carry):
+        index, token_B, decoder_state, done_B, tokens_BN = carry
+        logits_BV, decoder_state = step(model, token_B, decoder_state)
+        token_B, done_B = emit(logits_BV, index, done_B)
+        tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], index, 1)
+        return index + 1, token_B, decoder_state, done_B, tokens_BN
+
+    carry = (jnp.int32(1), token_B, decoder_state, done_B, tokens_BN)
+    return jax.lax.while_loop(not_finished, body, carry)[-1]
+
+
+def generate(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array, *,
+             sampling: SamplingConfig, eos_token_ids: tuple[int, ...], pad_token_id: int,
+             rng: jax.Array | None = None) -> jax.Array:
+    """Continuations [B, N] int32 of a batch of prompts; after its EOS a row holds pad_token_id.
+
+    Args:
+      model: a `LlamaModel` (prompts left-padded) or a `T5Model` (the prompt is the encoder
+        input).
+      prompt_mask_BL: 1 for real prompt tokens.
+      rng: a `jax.random.key`; required when sampling.temperature > 0 (token n is drawn with
+        fold_in(rng, n), so the same key gives the same output).
+    """
+    if type(model) not in _STUDENTS:
+        raise TypeError(f"generate supports {sorted(t.__name__ for t in _STUDENTS)}, "
+                        f"got {type(model).__name__}")
+    if sampling.temperature > 0 and rng is None:
+        raise ValueError(f"sampling at temperature {sampling.temperature} needs an rng key")
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, jnp.asarray(prompt_BL, jnp.int32),
+                     jnp.asarray(prompt_mask_BL, jnp.int32),
+                     jax.random.key(0) if rng is None else rng, sampling=sampling,
+                     eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id)
 
 
 def greedy_generate(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array, *,
                     max_new_tokens: int, eos_token_ids: tuple[int, ...] = (),
                     pad_token_id: int = 0) -> jax.Array:
-    """Greedy continuation [B, N] of left-padded prompts; after EOS a row emits pad_token_id.
-
-    The whole loop is one jitted call (compiled once per shape); rows keep their own positions.
-    """
-    graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, prompt_BL, prompt_mask_BL.astype(jnp.int32),
-                   max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos_token_ids),
-                   pad_token_id=pad_token_id)
+    """Greedy continuation [B, N]: `generate` at temperature 0."""
+    return generate(model, prompt_BL, prompt_mask_BL,
+                    sampling=SamplingConfig(max_new_tokens=max_new_tokens),
+                    eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
