@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -67,18 +68,38 @@ _FAMILIES = {"llama": (llama, llama.LlamaConfig, llama.LlamaModel),
              "t5": (t5, t5.T5Config, t5.T5Model)}
 
 
+def _numerics(config: StudentConfig) -> dict[str, Any]:
+    return dict(dtype=config.dtype, param_dtype=config.param_dtype,
+                remat_policy=config.remat_policy, lora=config.lora)
+
+
+def student_factory(config: StudentConfig) -> Callable[[], nnx.Module]:
+    """A function creating the student of `config` with random weights (its architecture
+    read from the checkpoint's config when there is one; no weights are read)."""
+    if config.checkpoint is not None:
+        hf_config = hf_import.read_hf_config(config.checkpoint, config.gguf_file)
+        model_type = hf_config.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{config.checkpoint}: model_type {model_type!r} is not supported "
+                             f"({', '.join(sorted(MODEL_TYPES))})")
+        config_cls, model_cls = MODEL_TYPES[model_type]
+        architecture = config_cls.from_hf(hf_config, **_numerics(config))
+    else:
+        module, config_cls, model_cls = _FAMILIES[config.family]
+        preset = getattr(module, config.preset, None)
+        if preset is None or not callable(preset):
+            raise ValueError(f"{config.family} has no preset {config.preset!r}")
+        architecture = config_cls.from_hf({**preset().to_hf(), **config.architecture},
+                                          **_numerics(config))
+    return lambda: model_cls(architecture, rngs=nnx.Rngs(config.init_seed))
+
+
 def build_student(config: StudentConfig, *, mesh: jax.sharding.Mesh,
                   rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> nnx.Module:
     """The student of `config`, created sharded on `mesh`."""
-    numerics = dict(dtype=config.dtype, param_dtype=config.param_dtype,
-                    remat_policy=config.remat_policy, lora=config.lora)
     if config.checkpoint is not None:
         return load_pretrained(config.checkpoint, mesh=mesh, rules=rules,
-                               gguf_file=config.gguf_file, **numerics)
-    module, config_cls, model_cls = _FAMILIES[config.family]
-    preset = getattr(module, config.preset, None)
-    if preset is None or not callable(preset):
-        raise ValueError(f"{config.family} has no preset {config.preset!r}")
-    architecture = config_cls.from_hf({**preset().to_hf(), **config.architecture}, **numerics)
+                               gguf_file=config.gguf_file, **_numerics(config))
+    factory = student_factory(config)
     with sharding.activate(mesh, rules):
-        return model_cls(architecture, rngs=nnx.Rngs(config.init_seed))
+        return factory()

@@ -9,6 +9,7 @@ asynchronously; a checkpoint that fails to restore is skipped for the one before
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from mcckd_jax.train.state import TrainState
 
@@ -33,17 +35,24 @@ def _abstract(tree, shardings=None):
 
 
 class Checkpointer:
-    """Periodic, asynchronous saves that keep the last `keep` (and optionally the best)."""
+    """Periodic, asynchronous saves that keep the last `keep`, and with `best_metric` also
+    the `keep_best` checkpoints whose saved metrics rank best by it."""
 
     def __init__(self, output_dir: str | pathlib.Path, *, save_every: int, keep: int = 3,
                  async_save: bool = True, best_metric: str | None = None,
-                 best_mode: str = "min"):
+                 best_mode: str = "max", keep_best: int = 1):
         self.directory = pathlib.Path(output_dir).absolute() / "checkpoints"
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be min or max, got {best_mode!r}")
+        policies = [preservation.LatestN(n=keep)]
+        if best_metric is not None:
+            worst = math.inf if best_mode == "min" else -math.inf  # saves without the metric
+            policies.append(preservation.BestN(
+                get_metric_fn=lambda metrics: metrics.get(best_metric, worst),
+                reverse=best_mode == "min", n=keep_best))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
-            best_mode=best_mode, keep_checkpoints_without_metrics=best_metric is None)
+            save_interval_steps=save_every, enable_async_checkpointing=async_save,
+            preservation_policy=preservation.AnyPreservationPolicy(policies))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, state: TrainState, data_iterator, *, force: bool = False,

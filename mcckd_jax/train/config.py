@@ -53,6 +53,25 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DevEvalConfig:
+    """Greedy accuracy on dev questions during training, which also decides the checkpoints
+    kept as best. Dev sets only: a test set must never choose the checkpoint."""
+
+    files: tuple[str, ...] = ()  # dev question files (any format the data module reads)
+    every: int = 0  # steps between evaluations (0: none); each also saves a checkpoint
+    max_questions: int | None = None  # the first N questions of each file
+    batch_size: int = 16  # questions per batch and process
+    max_new_tokens: int = 128
+    keep_best: int = 1  # checkpoints with the best dev accuracy kept beside the latest ones
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep_best < 0:
+            raise ValueError("dev_eval.every and dev_eval.keep_best must be >= 0")
+        if self.every and not self.files:
+            raise ValueError("dev_eval.every is set but dev_eval.files is empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything `mcckd-train` needs."""
 
@@ -62,3 +81,4 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()  # AdamW/Adafactor and the schedule
     mesh: MeshConfig = MeshConfig()  # devices and sharding rules
     run: RunConfig = RunConfig()  # steps, outputs, checkpoints
+    dev_eval: DevEvalConfig = DevEvalConfig()  # dev accuracy while training; best checkpoints

@@ -19,11 +19,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mcckd_jax import config as config_lib
-from mcckd_jax import sharding
+from mcckd_jax import host_memory, sharding
 from mcckd_jax.data import pipeline, records, tokenization
 from mcckd_jax.models import pretrained
 from mcckd_jax.train import checkpointing, optimizer, state as train_state, step as train_step
 from mcckd_jax.train.config import TrainConfig
+from mcckd_jax.train.dev_eval import DevEvaluator
 from mcckd_jax.train.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,23 @@ class _Preemption:
         self.requested = True
 
 
+def load_run_tokenizer(config: TrainConfig):
+    """The tokenizer of a run: data.tokenizer, else the student checkpoint's."""
+    data = config.data
+    tokenizer_path = data.tokenizer or config.student.checkpoint
+    if tokenizer_path is None:
+        raise ValueError("data.tokenizer is not set and the student has no checkpoint to take "
+                         "the tokenizer from")
+    return tokenization.load_tokenizer(
+        tokenizer_path, data.tokenizer_gguf_file if data.tokenizer else config.student.gguf_file)
+
+
 def load_train_data(config: TrainConfig, layout: str) -> tokenization.EncodedDataset:
     """Reads and tokenizes the training files (the same on every process)."""
     data = config.data
     if not data.train_files:
         raise ValueError("data.train_files is empty: give prepared files (mcckd-prepare output)")
-    tokenizer_path = data.tokenizer or config.student.checkpoint
-    if tokenizer_path is None:
-        raise ValueError("data.tokenizer is not set and the student has no checkpoint to take "
-                         "the tokenizer from")
-    tokenizer = tokenization.load_tokenizer(
-        tokenizer_path, data.tokenizer_gguf_file if data.tokenizer else config.student.gguf_file)
+    tokenizer = load_run_tokenizer(config)
     read = records.read_records(data.train_files, skip_bad_records=data.skip_bad_records,
                                 require_rationales=True, task=data.tokenization.task)
     if read.skipped:
@@ -93,6 +100,7 @@ class _CompiledSteps:
                     f"compiled step for {dict(key)}: temp {memory.temp_size_in_bytes / 2**30:.2f} "
                     f"GiB, arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB")
             self.executables[key] = compiled
+            host_memory.release_free_heap()  # the compiler's freed heap, before the step runs
         return self.executables[key](state, batch)
 
 
@@ -126,9 +134,15 @@ def train(config: TrainConfig) -> list[dict]:
     if model_parallel and (fraction := train_state.replicated_fraction(state, mesh)) > 0.25:
         log.warning("%.0f%% of the parameter and optimizer bytes are replicated on every device; "
                     "check mesh.rules", 100 * fraction)
-    checkpointer = checkpointing.Checkpointer(run.output_dir, save_every=run.checkpoint_every,
-                                              keep=run.keep_checkpoints,
-                                              async_save=run.async_checkpoints)
+    dev = None
+    if config.dev_eval.every:
+        dev = DevEvaluator(config.dev_eval, load_run_tokenizer(config),
+                           dataclasses.replace(config.data.tokenization, layout=layout),
+                           graphdef=graphdef, mesh=mesh, output_dir=run.output_dir)
+    checkpointer = checkpointing.Checkpointer(
+        run.output_dir, save_every=run.checkpoint_every, keep=run.keep_checkpoints,
+        async_save=run.async_checkpoints, best_metric="dev_accuracy" if dev else None,
+        keep_best=config.dev_eval.keep_best)
     state = checkpointer.restore_latest(state, shardings, iterator) or state
     start = int(jax.device_get(state.step))
     if jax.process_index() == 0:
@@ -149,7 +163,7 @@ def train(config: TrainConfig) -> list[dict]:
                                               out_shardings=(shardings, None), donate_argnums=0),
                                       logger)
             records_out = _loop(run, state, iterator, compiled, batch_sharding, checkpointer,
-                                logger, preemption, start)
+                                logger, preemption, start, dev, config.dev_eval.every)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         checkpointer.wait()
@@ -159,7 +173,7 @@ def train(config: TrainConfig) -> list[dict]:
 
 
 def _loop(run, state, iterator, compiled, batch_sharding, checkpointer, logger, preemption,
-          start: int) -> list[dict]:
+          start: int, dev: DevEvaluator | None, dev_every: int) -> list[dict]:
     logged, pending, tokens_seen = [], None, 0.0
 
     def flush(pending):
@@ -177,10 +191,16 @@ def _loop(run, state, iterator, compiled, batch_sharding, checkpointer, logger, 
         if pending is not None:
             flush(pending)  # step n-1's metrics, fetched after step n is dispatched
         pending = (step, metrics_device, tokens_seen)
-        due = step % run.checkpoint_every == 0 or step == run.steps or preemption.requested
+        evaluate = dev is not None and (step % dev_every == 0 or step == run.steps)
+        due = (step % run.checkpoint_every == 0 or step == run.steps or preemption.requested
+               or evaluate)
         if due:
             metrics = flush(pending)  # never checkpoint a state whose loss is not finite
             pending = None
+            if evaluate:
+                dev_metrics = dev(step, state)
+                logged.append(logger.log_eval(step, dev_metrics))
+                metrics = {**metrics, **dev_metrics}  # ranks the checkpoint by dev_accuracy
             checkpointer.save(state, iterator, force=True, metrics=metrics)
         if preemption.requested:
             logger.message(f"stopped at step {step} on request; resume by running again")

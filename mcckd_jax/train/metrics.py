@@ -62,6 +62,19 @@ class MetricsLogger:
             self._bar.refresh()
         return record
 
+    def log_eval(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Records evaluation metrics of `step` (a separate metrics.jsonl line)."""
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "time": time.time()}
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                self._tensorboard.add_scalar(f"train/{name}", value, step)
+        self.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return record
+
     def message(self, text: str) -> None:
         """A line above the progress bar (or on stdout without one)."""
         if not self.enabled:

@@ -1,0 +1,119 @@
+"""One mcckd-eval invocation: the mesh, tokenizer and datasets loaded once, then one
+checkpoint, the initial student, or (--watch) every checkpoint a training run writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from mcckd_jax import sharding
+from mcckd_jax.eval import reports, restore, runner
+from mcckd_jax.train.config import TrainConfig
+from mcckd_jax.train.loop import load_run_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EvalSession:
+    """Evaluates students of one training config on the datasets of one EvalConfig."""
+
+    def __init__(self, train_config: TrainConfig, eval_config: runner.EvalConfig, *,
+                 output_dir: str | pathlib.Path, run_dir: str | pathlib.Path | None = None,
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.train_config, self.eval_config = train_config, eval_config
+        self.output_dir = pathlib.Path(output_dir)
+        self.run_dir = pathlib.Path(run_dir) if run_dir is not None else None
+        self.should_stop = should_stop
+        self.rules = train_config.mesh.rules
+        self.mesh = sharding.make_mesh(train_config.mesh.per_host, train_config.mesh.across_hosts)
+        self.tokenizer = load_run_tokenizer(train_config)
+        self.layout = ("encoder_decoder" if train_config.student.family == "t5"
+                       or self._checkpoint_type() == "t5" else "decoder_only")
+        self.tokenization = dataclasses.replace(train_config.data.tokenization, layout=self.layout)
+        self.data = runner.load_eval_data(eval_config, self.tokenizer, self.tokenization)
+
+    def _checkpoint_type(self) -> str | None:
+        student = self.train_config.student
+        if student.checkpoint is None:
+            return None
+        from mcckd_jax.models import hf_import
+
+        return hf_import.read_hf_config(student.checkpoint, student.gguf_file).get("model_type")
+
+    def settings(self) -> dict[str, Any]:
+        config = self.eval_config
+        return {"source": str(self.run_dir) if self.run_dir else "initial student",
+                "temperature": config.sampling.temperature, "top_p": config.sampling.top_p,
+                "max_new_tokens": config.sampling.max_new_tokens,
+                "num_samples": config.num_samples, "seed": config.seed,
+                "max_questions": config.max_questions, "task": self.tokenization.task}
+
+    def evaluate_model(self, step: int, model: nnx.Module) -> dict[str, Any] | None:
+        """Scores `model` (as of training step `step`) on every dataset and writes the
+        results; None when stopped before the end (nothing is written then)."""
+        results = {}
+        with sharding.activate(self.mesh, self.rules):
+            for data in self.data:
+                result = runner.evaluate(model, data, self.tokenizer, config=self.eval_config,
+                                         tokenization_config=self.tokenization, mesh=self.mesh,
+                                         should_stop=self.should_stop)
+                if result is None:
+                    return None
+                results[data.dataset.name] = result
+        if jax.process_index() != 0:
+            return {"step": step}
+        metrics = reports.write_step(self.output_dir, step, results, self.settings())
+        if self.run_dir is not None:
+            reports.write_tensorboard(self.run_dir, step, metrics["datasets"])
+        for name, summary in metrics["datasets"].items():
+            log.info("step %d %s (%s): accuracy %.4f (%d/%d), no answer %.4f", step, name,
+                     summary["role"], summary["accuracy"], summary["correct"],
+                     summary["questions"], summary["missing_rate"])
+        return metrics
+
+    def evaluate_checkpoint(self, step: int | None = None) -> dict[str, Any] | None:
+        """The run's checkpoint `step` (default: the latest)."""
+        step, model = restore.restore_student(self.run_dir, self.train_config.student,
+                                              mesh=self.mesh, rules=self.rules, step=step)
+        return self.evaluate_model(step, model)
+
+    def evaluate_initial(self) -> dict[str, Any] | None:
+        """The student before any training, reported as step 0."""
+        return self.evaluate_model(0, restore.initial_student(
+            self.train_config.student, mesh=self.mesh, rules=self.rules))
+
+    def _new_steps(self) -> list[int]:
+        """Finalized checkpoints not evaluated yet; process 0 decides for everyone."""
+        steps = np.full(64, -1, np.int64)
+        if jax.process_index() == 0:
+            directory = self.run_dir / "checkpoints"
+            found = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
+            new = sorted(set(found) - reports.evaluated_steps(self.output_dir))[:64]
+            steps[:len(new)] = new
+        steps = multihost_utils.broadcast_one_to_all(steps)
+        return [int(s) for s in steps if s >= 0]
+
+    def watch(self, *, poll: Callable[[float], None], poll_seconds: float) -> None:
+        """Evaluates each checkpoint as it appears, oldest first, until the run's last step
+        (run.steps) is evaluated or a stop is requested."""
+        final = self.train_config.run.steps
+        log.info("watching %s for checkpoints (last step %d)", self.run_dir / "checkpoints", final)
+        while not self.should_stop():
+            for step in self._new_steps():
+                try:
+                    if self.evaluate_checkpoint(step) is None:
+                        return
+                except FileNotFoundError as error:  # deleted by the trainer's keep policy
+                    log.warning("checkpoint %d vanished before it was read (%s)", step, error)
+                if step >= final:
+                    return
+            poll(poll_seconds)

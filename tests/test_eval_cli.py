@@ -1,0 +1,173 @@
+"""mcckd-eval as a separate process on checkpoints that mcckd-train wrote: one step, the
+initial student, several datasets, and --watch following a run that is still training.
+
+Real data: SVAMP from ../shared (the teacher sample for training, dev/test questions for
+evaluation), the test's sentencepiece tokenizer and the tiny LLaMA of configs/tiny.yaml.
+"""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+
+import orbax.checkpoint as ocp
+import pytest
+
+from mcckd_jax.data import records
+from mcckd_jax.eval import scoring
+from test_train_loop import environment, finish, inputs, start, wait_for  # noqa: F401
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUESTIONS = 12
+EVAL_FLAGS = ["--max_questions", str(QUESTIONS), "--max_new_tokens", "12", "--batch_size", "8",
+              "--no_progress_bar"]
+
+
+def train_command(inputs, output_dir, steps, *extra):  # noqa: F811
+    data, tokenizer = inputs
+    return [sys.executable, "-m", "mcckd_jax.cli.train", str(REPO_ROOT / "configs" / "tiny.yaml"),
+            f"data.train_files=[{data}]", f"data.tokenizer={tokenizer}",
+            "student.architecture.vocab_size=1000", f"run.output_dir={output_dir}",
+            f"run.steps={steps}", "run.checkpoint_every=2", "run.progress_bar=false",
+            "run.async_checkpoints=false", *extra]
+
+
+def eval_command(source, *extra):
+    return [sys.executable, "-m", "mcckd_jax.cli.eval", str(source), *EVAL_FLAGS, *extra]
+
+
+def run(command, timeout=300) -> str:
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def svamp(shared_data):
+    folder = shared_data / "mcckd_format" / "SVAMP"
+    return folder / "dev.json", folder / "test.json"
+
+
+@pytest.fixture(scope="module")
+def trained_run(inputs, tmp_path_factory):  # noqa: F811
+    output_dir = tmp_path_factory.mktemp("eval_run") / "run"
+    run(train_command(inputs, output_dir, 4))
+    return output_dir
+
+
+def check_predictions(folder: pathlib.Path, question_file: pathlib.Path, summary: dict):
+    """Every line names its question and label, and the summary is recomputed from the lines
+    with the data module's scoring."""
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    expected = records.read_records(question_file).records[:QUESTIONS]
+    assert [row["question"] for row in rows] == [r.question for r in expected]
+    assert [row["label"] for row in rows] == [r.label for r in expected]
+    rescored = [scoring.score(record, [row["output"]], "svamp")
+                for record, row in zip(expected, rows)]
+    assert [p.extracted for p in rescored] == [row["extracted"] for row in rows]
+    assert scoring.summarize(rescored).items() <= summary.items()
+    return rows
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_evaluated_by_a_separate_process(trained_run, svamp):
+    dev, test = svamp
+    run(eval_command(trained_run, "--dev", f"svamp_dev={dev}", "--test", f"svamp_test={test}",
+                     "--step", "2"))
+    out = trained_run / "eval"
+    metrics = json.loads((out / "step_2" / "metrics.json").read_text())
+    assert metrics["step"] == 2 and set(metrics["datasets"]) == {"svamp_dev", "svamp_test"}
+    assert metrics["datasets"]["svamp_dev"]["role"] == "dev"
+    for name, path in (("svamp_dev", dev), ("svamp_test", test)):
+        rows = check_predictions(out / "step_2" / name, path, metrics["datasets"][name])
+        assert len(rows) == QUESTIONS and metrics["datasets"][name]["questions"] == QUESTIONS
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["dataset"]) for row in lines] == [(2, "svamp_dev"),
+                                                                 (2, "svamp_test")]
+    best = json.loads((out / "best.json").read_text())
+    assert best["step"] == 2 and set(best["test"]) == {"svamp_test"}
+    assert list((trained_run / "tensorboard" / "eval").iterdir())
+
+
+@pytest.mark.slow
+def test_the_initial_student_is_step_zero(inputs, svamp, tmp_path):  # noqa: F811
+    data, tokenizer = inputs
+    _, test = svamp
+    run(eval_command(REPO_ROOT / "configs" / "tiny.yaml", f"data.tokenizer={tokenizer}",
+                     "student.architecture.vocab_size=1000", f"run.output_dir={tmp_path}",
+                     "--test", str(test)))
+    metrics = json.loads((tmp_path / "eval" / "step_0" / "metrics.json").read_text())
+    assert metrics["settings"]["source"] == "initial student"
+    check_predictions(tmp_path / "eval" / "step_0" / "test", test, metrics["datasets"]["test"])
+
+
+@pytest.mark.slow
+def test_watch_evaluates_checkpoints_as_they_appear_and_stops_at_the_last(inputs, svamp,  # noqa: F811
+                                                                          tmp_path):
+    _, test = svamp
+    run_dir = tmp_path / "run"
+    run(train_command(inputs, run_dir, 2))
+    # The watcher is told the run will go to step 4; step 4 is written only after it has
+    # evaluated step 2, so it must notice a checkpoint that appears while it waits.
+    watcher = subprocess.Popen(eval_command(run_dir, "run.steps=4", "--test", str(test),
+                                            "--watch", "--poll_seconds", "0.5"),
+                               env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (run_dir / "eval" / "step_2" / "metrics.json").exists(), watcher)
+    assert not (run_dir / "checkpoints" / "4").exists()
+    run(train_command(inputs, run_dir, 4))
+    finish(watcher, timeout=240)
+    steps = [json.loads(line)["step"]
+             for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    assert sorted(ocp.utils.checkpoint_steps(run_dir / "checkpoints")) == [2, 4]
+
+
+@pytest.mark.slow
+def test_watch_exits_cleanly_on_sigterm(trained_run, svamp):
+    _, test = svamp
+    watcher = subprocess.Popen(eval_command(trained_run, "run.steps=100", "--test", str(test),
+                                            "--watch", "--poll_seconds", "0.5",
+                                            "--output_dir", str(trained_run / "eval_watch")),
+                               env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (trained_run / "eval_watch" / "step_4" / "metrics.json").exists(), watcher)
+    watcher.send_signal(signal.SIGTERM)
+    output = finish(watcher, timeout=60)
+    assert "received signal" in output
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path):
+    missing = subprocess.run(eval_command(tmp_path / "nothing.yaml", "--test", "x.json"),
+                             env=environment(), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "nothing.yaml" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    greedy_vote = subprocess.run(
+        eval_command(REPO_ROOT / "configs" / "tiny.yaml", "--test", "x.json", "--num_samples", "3"),
+        env=environment(), capture_output=True, text=True, timeout=120)
+    assert greedy_vote.returncode == 2 and "temperature" in greedy_vote.stderr
+
+
+@pytest.mark.slow
+def test_training_measures_dev_accuracy_as_mcckd_eval_does(inputs, svamp, tmp_path):  # noqa: F811
+    dev, _ = svamp
+    run_dir = tmp_path / "run"
+    run(train_command(inputs, run_dir, 4, "data.pipeline.batch_size=8",
+                      f"dev_eval.files=[{dev}]", "dev_eval.every=2", "dev_eval.batch_size=8",
+                      f"dev_eval.max_questions={QUESTIONS}", "dev_eval.max_new_tokens=12",
+                      "run.checkpoint_every=1", "run.keep_checkpoints=1"))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    dev_lines = {row["step"]: row for row in lines if "dev_accuracy" in row}
+    assert sorted(dev_lines) == [2, 4]
+    # The latest checkpoint and the best by dev accuracy (ties: the later) are kept.
+    accuracy = {step: row["dev_accuracy"] for step, row in dev_lines.items()}
+    best = 2 if accuracy[2] > accuracy[4] else 4
+    assert sorted(ocp.utils.checkpoint_steps(run_dir / "checkpoints")) == sorted({best, 4})
+    # The separate binary on the same checkpoint and questions writes the same outputs.
+    run(eval_command(run_dir, "--dev", str(dev), "--step", "4", "--batch_size", "8"))
+    ours = (run_dir / "eval" / "step_4" / "dev" / "predictions.jsonl").read_text()
+    assert (run_dir / "dev_eval" / "step_4" / "dev" / "predictions.jsonl").read_text() == ours
+    summary = json.loads((run_dir / "eval" / "step_4" / "metrics.json").read_text())
+    assert summary["datasets"]["dev"]["accuracy"] == accuracy[4]
