@@ -74,12 +74,21 @@ def test_a_failure_leaves_the_previous_files_and_no_temporary_folder(tmp_path, c
 
 @pytest.mark.parametrize("argv,expected", [(["--train", "-1"], "train must be >= 0"),
                                            (["--wrong_share", "1"], "wrong_share"),
-                                           (["--vocab_size", "20"], "vocab_size")])
+                                           (["--vocab_size", "20"], "vocab_size"),
+                                           (["--kinds", "shop,zoo"], "unknown kinds ['zoo']")])
 def test_bad_options_are_one_line_errors_and_write_nothing(tmp_path, capsys, argv, expected):
     assert cli.main([str(tmp_path / "out")] + argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and expected in captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_kinds_option_restricts_the_stories(tmp_path, capsys):
+    assert cli.main([str(tmp_path), "--train", "40", "--dev", "5", "--test", "5",
+                     "--kinds", "shop,garden"]) == 0
+    assert "story kinds over all splits: garden " in capsys.readouterr().out
+    questions = [row["instruction"] for row in json.loads((tmp_path / "train.json").read_text())]
+    assert all("dollars" in q or "garden" in q for q in questions)
 
 
 def test_runs_as_a_program(tmp_path):

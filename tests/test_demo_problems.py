@@ -148,6 +148,12 @@ def test_the_vocabulary_is_modest_and_rationales_are_short(drawn):
     assert len(words) < 250
 
 
+def test_draws_come_from_the_kinds_asked_for():
+    rng = random.Random(0)
+    assert {stories.draw_problem(rng, ["shop", "farm"]).kind for _ in range(50)} == {"shop",
+                                                                                   "farm"}
+
+
 def test_draws_depend_only_on_the_seed():
     def questions(seed):
         rng = random.Random(seed)

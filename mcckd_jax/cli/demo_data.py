@@ -20,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from mcckd_jax.demo import dataset, problems, tokenizer
+from mcckd_jax.demo import dataset, problems, stories, tokenizer
 
 TOKENIZER_FOLDER = "tokenizer"
 
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="probability that a teacher draw has a wrong answer")
     parser.add_argument("--vocab_size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
                         help="tokenizer vocabulary, special tokens included")
+    parser.add_argument("--kinds", default="",
+                        help="comma-separated story kinds to use (default all: "
+                        f"{','.join(sorted(stories.KINDS))}); fewer kinds make an easier task")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     return parser
 
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = dataset.DemoDataConfig(
             train=args.train, dev=args.dev, test=args.test,
             rationales_per_question=args.rationales_per_question, wrong_share=args.wrong_share,
-            seed=args.seed)
+            seed=args.seed, kinds=tuple(k for k in args.kinds.split(",") if k))
         summary = write_demo_data(args.out_dir, config, args.vocab_size)
     except (ValueError, OSError) as error:
         print(f"mcckd-demo-data: error: {' '.join(str(error).split())}", file=sys.stderr)

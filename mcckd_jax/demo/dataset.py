@@ -35,8 +35,12 @@ class DemoDataConfig:
     rationales_per_question: int = 8  # teacher draws per training question, duplicates kept
     wrong_share: float = 0.25  # probability that a teacher draw is wrong
     seed: int = 0
+    kinds: tuple[str, ...] = ()  # story kinds to draw from (stories.KINDS); empty: all of them
 
     def __post_init__(self):
+        unknown = sorted(set(self.kinds) - set(stories.KINDS))
+        if unknown:
+            raise ValueError(f"unknown kinds {unknown}; expected some of {sorted(stories.KINDS)}")
         for split in SPLITS:
             if getattr(self, split) < 0:
                 raise ValueError(f"{split} must be >= 0, got {getattr(self, split)}")
@@ -76,7 +80,7 @@ def draw_splits(config: DemoDataConfig, *, patience: int = 50_000
         rng = random.Random(f"{config.seed}:{split}")
         seen, chosen, rejected = set(), [], 0
         while len(chosen) < sizes[split]:
-            problem = stories.draw_problem(rng)
+            problem = stories.draw_problem(rng, config.kinds)
             if problem.key in seen or split_of(problem.key, config.seed, sizes) != split:
                 rejected += 1
                 if rejected > patience:

@@ -12,6 +12,7 @@ parentheses), so that every rationale's final number is the one it states.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from mcckd_jax.demo.problems import Problem, Step, checked
 
@@ -238,13 +239,13 @@ KINDS = {kind.__name__: kind for kind in (buy_and_give, together, share, shop, f
                                           three_days)}
 
 
-def draw_problem(rng: random.Random, kind: str | None = None) -> Problem:
-    """A problem of the given kind (a random kind when None), its numbers redrawn until valid.
+def draw_problem(rng: random.Random, kinds: Sequence[str] | None = None) -> Problem:
+    """A problem of a random kind among `kinds` (default all), its numbers redrawn until valid.
 
     The kind is chosen once, before the redraws, so that kinds with more constraints (sharing
     without remainder) are as frequent as the others.
     """
-    story = KINDS[kind or rng.choice(sorted(KINDS))]
+    story = KINDS[rng.choice(sorted(kinds or KINDS))]
     while True:
         problem = story(rng)
         if problem is not None:
