@@ -1,0 +1,196 @@
+"""mcckd-plot RUN_DIR [--out PNG]: a run's training curves and eval accuracy in one PNG.
+
+    mcckd-plot runs/demo                       # writes runs/demo/metrics.png
+
+Reads RUN_DIR/metrics.jsonl (one JSON object per logged step, written by
+`mcckd_jax.train.metrics`: `step`, `loss`, `ce`, `kl`, ...) and, when present,
+RUN_DIR/eval/metrics.jsonl (`step`, `dataset`, `accuracy` per evaluated checkpoint). Draws four
+panels: loss, cross-entropy, consistency KL, and accuracy per checkpoint, one line per eval
+data set. A bad line ends the run with one line on stderr naming the file, the line and the
+field, exit status 2, and no PNG written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import os
+import pathlib
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TRAIN_PANELS = (("loss", "loss"), ("ce", "cross-entropy"), ("kl", "consistency KL"))
+FIGURE_INCHES = (10.0, 7.5)
+DPI = 100  # with FIGURE_INCHES: a 1000 x 750 PNG
+
+Curve = tuple[list[int], list[float]]  # steps, values
+
+
+class MetricsError(ValueError):
+    """A bad metrics line; `str(error)` is one line: file, line, field and what was expected."""
+
+    def __init__(self, path: os.PathLike | str, line: int | None, field: str | None,
+                 message: str):
+        where = [str(path)] + ([f"line {line}"] if line is not None else []) + (
+            [f"field '{field}'"] if field is not None else [])
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def read_jsonl(path: pathlib.Path, required: Mapping[str, str],
+               numeric: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-empty line, checked field by field.
+
+    Args:
+      required: field -> "step" (a non-negative integer), "number" or "string"; must be present.
+      numeric: fields that must be numbers when present (NaN and infinity are allowed: a
+        diverged step is worth seeing).
+    """
+    if not path.is_file():
+        raise MetricsError(path, None, None, "no such file")
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise MetricsError(path, number, None, f"malformed JSON at column "
+                                   f"{error.colno}: {error.msg}") from None
+            if not isinstance(row, dict):
+                raise MetricsError(path, number, None,
+                                   f"expected a JSON object, got {type(row).__name__}")
+            for field, kind in required.items():
+                if field not in row:
+                    raise MetricsError(path, number, field, "missing")
+                _check(path, number, field, row[field], kind)
+            for field in numeric:
+                if field in row:
+                    _check(path, number, field, row[field], "number")
+            rows.append((number, row))
+    if not rows:
+        raise MetricsError(path, None, None, "no records")
+    return rows
+
+
+def _check(path, line: int, field: str, value: Any, kind: str) -> None:
+    if kind == "step":
+        ok, expected = isinstance(value, int) and not isinstance(value, bool) and value >= 0, \
+            "a non-negative integer"
+    elif kind == "number":
+        ok, expected = _is_number(value), "a number"
+    else:
+        ok, expected = isinstance(value, str) and bool(value), "a non-empty string"
+    if not ok:
+        raise MetricsError(path, line, field, f"expected {expected}, got {value!r}")
+
+
+def _curve(points: Mapping[int, float]) -> Curve:
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def train_curves(path: pathlib.Path) -> dict[str, Curve]:
+    """Per panel metric, its values by step. A resumed run logs some steps twice; the later
+    record wins, as it belongs to the run that continued."""
+    fields = [field for field, _ in TRAIN_PANELS]
+    points: dict[str, dict[int, float]] = {field: {} for field in fields}
+    for _, row in read_jsonl(path, {"step": "step"}, fields):
+        for field in fields:
+            if field in row:
+                points[field][row["step"]] = float(row[field])
+    return {field: _curve(values) for field, values in points.items()}
+
+
+def eval_curves(path: pathlib.Path) -> dict[str, Curve]:
+    """Accuracy by checkpoint step, per eval data set (the later record wins on repeats)."""
+    points: dict[str, dict[int, float]] = {}
+    for _, row in read_jsonl(path, {"step": "step", "dataset": "string", "accuracy": "number"},
+                             ()):
+        points.setdefault(row["dataset"], {})[row["step"]] = float(row["accuracy"])
+    return {dataset: _curve(values) for dataset, values in sorted(points.items())}
+
+
+def _draw_train(axes, title: str, curve: Curve) -> None:
+    steps, values = curve
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    if not steps:
+        axes.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axes.transAxes)
+        return
+    axes.plot(steps, values, linewidth=1.2)
+    finite = [v for v in values if math.isfinite(v)]
+    # Losses fall over orders of magnitude; a log axis keeps the late progress visible.
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+
+
+def _draw_eval(axes, curves: Mapping[str, Curve]) -> None:
+    axes.set_title("eval accuracy")
+    axes.set_xlabel("step")
+    if not curves:
+        axes.text(0.5, 0.5, "no eval metrics", ha="center", va="center",
+                  transform=axes.transAxes)
+        return
+    for dataset, (steps, values) in curves.items():
+        axes.plot(steps, values, marker="o", linewidth=1.2, label=dataset)
+    top = max(v for _, values in curves.values() for v in values)
+    axes.set_ylim(0, 1.0 if top <= 1.0 else 100.0)  # fractions, or percentages
+    axes.grid(alpha=0.3)
+    axes.legend()
+
+
+def plot(train: Mapping[str, Curve], evals: Mapping[str, Curve], out: pathlib.Path,
+         title: str) -> None:
+    """Writes the four-panel PNG to `out` through a temporary file and a rename."""
+    from matplotlib.figure import Figure  # Slow import; a Figure needs no pyplot state.
+
+    figure = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
+    grid = figure.subplots(2, 2)
+    for axes, (field, label) in zip(grid.flat, TRAIN_PANELS):
+        _draw_train(axes, label, train[field])
+    _draw_eval(grid.flat[3], evals)
+    figure.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.",
+                                             suffix=".png")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=DPI)
+        os.replace(temporary, out)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mcckd-plot", description="Plot a run's loss, CE, KL "
+                                     "and eval accuracy into one PNG.")
+    parser.add_argument("run_dir", help="folder with metrics.jsonl (and eval/metrics.jsonl)")
+    parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    run_dir = pathlib.Path(args.run_dir)
+    out = pathlib.Path(args.out) if args.out else run_dir / "metrics.png"
+    try:
+        train = train_curves(run_dir / "metrics.jsonl")
+        eval_path = run_dir / "eval" / "metrics.jsonl"
+        evals = eval_curves(eval_path) if eval_path.exists() else {}
+        plot(train, evals, out, title=str(run_dir))
+    except (MetricsError, OSError) as error:
+        print(f"mcckd-plot: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
