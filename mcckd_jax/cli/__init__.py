@@ -1,1 +1,1 @@
-"""Command-line entry points: mcckd-prepare, mcckd-train (and mcckd-eval as it arrives)."""
+"""Command-line entry points: mcckd-demo-data, mcckd-prepare, mcckd-train, mcckd-eval, mcckd-plot."""
