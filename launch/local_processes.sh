@@ -10,7 +10,7 @@ pids=()
 for ((i = 0; i < num_processes; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu \
   MCCKD_NUM_PROCESSES=$num_processes MCCKD_PROCESS_ID=$i MCCKD_COORDINATOR=127.0.0.1:$port \
-    mcckd-train "$@" "mesh.across_hosts=[${num_processes},1,1]" &
+    "${MCCKD_COMMAND:-mcckd-train}" "$@" "mesh.across_hosts=[${num_processes},1,1]" &
   pids+=($!)
 done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM

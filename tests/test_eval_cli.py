@@ -8,6 +8,7 @@ evaluation), the test's sentencepiece tokenizer and the tiny LLaMA of configs/ti
 import json
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 
@@ -171,3 +172,25 @@ def test_training_measures_dev_accuracy_as_mcckd_eval_does(inputs, svamp, tmp_pa
     assert (run_dir / "dev_eval" / "step_4" / "dev" / "predictions.jsonl").read_text() == ours
     summary = json.loads((run_dir / "eval" / "step_4" / "metrics.json").read_text())
     assert summary["datasets"]["dev"]["accuracy"] == accuracy[4]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_outputs_of_one(trained_run, svamp, tmp_path):
+    _, test = svamp
+    single = tmp_path / "single"
+    run(eval_command(trained_run, "--test", f"svamp={test}", "--output_dir", str(single)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    double = tmp_path / "double"
+    # Each process takes 4 of the 8 rows of a global batch of 2 x 4 questions.
+    processes = [subprocess.Popen(
+        eval_command(trained_run, "mesh.across_hosts=[2,1,1]", "--test", f"svamp={test}",
+                     "--output_dir", str(double), "--batch_size", "4"),
+        env=environment(devices=4, MCCKD_NUM_PROCESSES="2", MCCKD_PROCESS_ID=str(i),
+                        MCCKD_COORDINATOR=f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for process in processes:
+        finish(process, timeout=300)
+    path = pathlib.Path("step_4") / "svamp" / "predictions.jsonl"
+    assert (double / path).read_text() == (single / path).read_text()

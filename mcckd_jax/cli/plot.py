@@ -4,7 +4,8 @@
 
 Reads RUN_DIR/metrics.jsonl (one JSON object per logged step, written by
 `mcckd_jax.train.metrics`: `step`, `loss`, `ce`, `kl`, ...) and, when present,
-RUN_DIR/eval/metrics.jsonl (`step`, `dataset`, `accuracy` per evaluated checkpoint). Draws four
+RUN_DIR/eval/metrics.jsonl (mcckd-eval: `step`, `dataset`, `accuracy` per evaluated checkpoint)
+and RUN_DIR/dev_eval/metrics.jsonl (the same, measured during training). Draws four
 panels: loss, cross-entropy, consistency KL, and accuracy per checkpoint, one line per eval
 data set. A bad line ends the run with one line on stderr naming the file, the line and the
 field, exit status 2, and no PNG written.
@@ -182,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = pathlib.Path(args.out) if args.out else run_dir / "metrics.png"
     try:
         train = train_curves(run_dir / "metrics.jsonl")
-        eval_path = run_dir / "eval" / "metrics.jsonl"
-        evals = eval_curves(eval_path) if eval_path.exists() else {}
+        evals = {}
+        # mcckd-eval's results, and the dev accuracy measured during training (dev_eval).
+        for folder, prefix in (("eval", ""), ("dev_eval", "during training: ")):
+            path = run_dir / folder / "metrics.jsonl"
+            if path.exists():
+                evals.update({prefix + name: curve for name, curve in eval_curves(path).items()})
         plot(train, evals, out, title=str(run_dir))
     except (MetricsError, OSError) as error:
         print(f"mcckd-plot: error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -58,7 +58,9 @@ class DevEvalConfig:
     kept as best. Dev sets only: a test set must never choose the checkpoint."""
 
     files: tuple[str, ...] = ()  # dev question files (any format the data module reads)
-    every: int = 0  # steps between evaluations (0: none); each also saves a checkpoint
+    every: int = 0  # steps between evaluations (0: none); each also saves a checkpoint.
+    # A config may set `every` and leave `files` to the command line; training refuses to
+    # start while `every` > 0 and `files` is empty.
     max_questions: int | None = None  # the first N questions of each file
     batch_size: int = 16  # questions per batch and process
     max_new_tokens: int = 128
@@ -67,8 +69,6 @@ class DevEvalConfig:
     def __post_init__(self):
         if self.every < 0 or self.keep_best < 0:
             raise ValueError("dev_eval.every and dev_eval.keep_best must be >= 0")
-        if self.every and not self.files:
-            raise ValueError("dev_eval.every is set but dev_eval.files is empty")
 
 
 @dataclasses.dataclass(frozen=True)

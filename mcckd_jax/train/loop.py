@@ -119,8 +119,19 @@ def _check_finite(step: int, metrics: Mapping[str, float], checkpointer) -> None
 
 def train(config: TrainConfig) -> list[dict]:
     """Runs (or resumes) the training of `config`; returns the logged metric records."""
+    if config.dev_eval.every and not config.dev_eval.files:
+        raise ValueError(f"dev_eval.every is {config.dev_eval.every} but dev_eval.files is "
+                         "empty: give dev question files (dev_eval.files=[...]) or set "
+                         "dev_eval.every=0")
     mesh = sharding.make_mesh(config.mesh.per_host, config.mesh.across_hosts)
     rules = config.mesh.rules
+    questions = config.data.pipeline.batch_size * jax.process_count()
+    if questions % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(
+            f"a global batch of {questions} questions (data.pipeline.batch_size "
+            f"{config.data.pipeline.batch_size} x {jax.process_count()} processes) does not "
+            f"split over the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} "
+            "devices; change data.pipeline.batch_size or mesh.per_host")
     model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
     layout = "encoder_decoder" if hasattr(model, "encode") else "decoder_only"
     dataset = pipeline.train_dataset(load_train_data(config, layout), config.data.pipeline)
