@@ -17,7 +17,7 @@ import pytest
 
 from mcckd_jax.data import records
 from mcckd_jax.eval import scoring
-from test_train_loop import environment, finish, inputs, start, wait_for  # noqa: F401
+from test_train_loop import command, environment, finish, inputs, wait_for  # noqa: F401
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUESTIONS = 12
@@ -26,12 +26,8 @@ EVAL_FLAGS = ["--max_questions", str(QUESTIONS), "--max_new_tokens", "12", "--ba
 
 
 def train_command(inputs, output_dir, steps, *extra):  # noqa: F811
-    data, tokenizer = inputs
-    return [sys.executable, "-m", "mcckd_jax.cli.train", str(REPO_ROOT / "configs" / "tiny.yaml"),
-            f"data.train_files=[{data}]", f"data.tokenizer={tokenizer}",
-            "student.architecture.vocab_size=1000", f"run.output_dir={output_dir}",
-            f"run.steps={steps}", "run.checkpoint_every=2", "run.progress_bar=false",
-            "run.async_checkpoints=false", *extra]
+    """test_train_loop's command (checkpoints every 2 steps) for `steps` steps."""
+    return command(inputs, output_dir, f"run.steps={steps}", *extra)  # the last value wins
 
 
 def eval_command(source, *extra):
@@ -100,7 +96,7 @@ def test_the_initial_student_is_step_zero(inputs, svamp, tmp_path):  # noqa: F81
                      "student.architecture.vocab_size=1000", f"run.output_dir={tmp_path}",
                      "--test", str(test)))
     metrics = json.loads((tmp_path / "eval" / "step_0" / "metrics.json").read_text())
-    assert metrics["settings"]["source"] == "initial student"
+    assert metrics["settings"]["source"] == "initial student: random init (seed 0)"
     check_predictions(tmp_path / "eval" / "step_0" / "test", test, metrics["datasets"]["test"])
 
 
@@ -194,3 +190,15 @@ def test_two_processes_write_the_outputs_of_one(trained_run, svamp, tmp_path):
         finish(process, timeout=300)
     path = pathlib.Path("step_4") / "svamp" / "predictions.jsonl"
     assert (double / path).read_text() == (single / path).read_text()
+
+
+@pytest.mark.slow
+def test_a_t5_student_is_evaluated_from_its_checkpoint(inputs, svamp, tmp_path):  # noqa: F811
+    _, test = svamp
+    run(train_command(inputs, tmp_path, 2, "student.family=t5",
+                      "data.pipeline.encoder_bucket_lengths=[64,128]"))
+    run(eval_command(tmp_path, "--test", f"svamp={test}"))
+    metrics = json.loads((tmp_path / "eval" / "step_2" / "metrics.json").read_text())
+    rows = check_predictions(tmp_path / "eval" / "step_2" / "svamp", test,
+                             metrics["datasets"]["svamp"])
+    assert len(rows) == QUESTIONS

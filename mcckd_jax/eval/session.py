@@ -51,7 +51,10 @@ class EvalSession:
 
     def settings(self) -> dict[str, Any]:
         config = self.eval_config
-        return {"source": str(self.run_dir) if self.run_dir else "initial student",
+        student = self.train_config.student
+        initial = (f"initial student: {student.checkpoint}" if student.checkpoint else
+                   f"initial student: random init (seed {student.init_seed})")
+        return {"source": str(self.run_dir) if self.run_dir else initial,
                 "temperature": config.sampling.temperature, "top_p": config.sampling.top_p,
                 "max_new_tokens": config.sampling.max_new_tokens,
                 "num_samples": config.num_samples, "seed": config.seed,
