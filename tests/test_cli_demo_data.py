@@ -1,6 +1,7 @@
 """mcckd-demo-data: the files it writes, its summary, and all-or-nothing writing."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -75,7 +76,8 @@ def test_a_failure_leaves_the_previous_files_and_no_temporary_folder(tmp_path, c
 @pytest.mark.parametrize("argv,expected", [(["--train", "-1"], "train must be >= 0"),
                                            (["--wrong_share", "1"], "wrong_share"),
                                            (["--vocab_size", "20"], "vocab_size"),
-                                           (["--kinds", "shop,zoo"], "unknown kinds ['zoo']")])
+                                           (["--kinds", "shop,zoo"], "unknown kinds ['zoo']"),
+                                           (["--max_quantity", "5"], "max_quantity")])
 def test_bad_options_are_one_line_errors_and_write_nothing(tmp_path, capsys, argv, expected):
     assert cli.main([str(tmp_path / "out")] + argv) == 2
     captured = capsys.readouterr()
@@ -89,6 +91,18 @@ def test_kinds_option_restricts_the_stories(tmp_path, capsys):
     assert "story kinds over all splits: garden " in capsys.readouterr().out
     questions = [row["instruction"] for row in json.loads((tmp_path / "train.json").read_text())]
     assert all("dollars" in q or "garden" in q for q in questions)
+
+
+def test_max_quantity_option_bounds_every_number_in_the_files(tmp_path, capsys):
+    assert cli.main([str(tmp_path), "--train", "60", "--dev", "10", "--test", "10",
+                     "--max_quantity", "25"]) == 0
+    assert int(re.search(r"answers up to (\d+)", capsys.readouterr().out)[1]) <= 25
+    texts = []
+    for split in ("train", "dev", "test"):
+        for row in json.loads((tmp_path / f"{split}.json").read_text()):
+            outputs = row["output"] if isinstance(row["output"], list) else [row["output"]]
+            texts += [row["instruction"], *outputs]
+    assert max(int(x) for text in texts for x in re.findall(r"\d+", text)) <= 25
 
 
 def test_runs_as_a_program(tmp_path):

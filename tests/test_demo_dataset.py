@@ -54,7 +54,8 @@ def test_running_out_of_distinct_problems_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("field,value", [("train", -1), ("rationales_per_question", 0),
-                                         ("wrong_share", 1.0)])
+                                         ("wrong_share", 1.0), ("max_quantity", 9),
+                                         ("max_quantity", 100)])
 def test_bad_config_values_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         dataset.DemoDataConfig(**{field: value})

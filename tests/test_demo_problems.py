@@ -161,3 +161,41 @@ def test_draws_depend_only_on_the_seed():
 
     assert questions(5) == questions(5)
     assert questions(5) != questions(6)
+
+
+def test_capped_keeps_a_problem_only_when_every_plan_stays_under_the_cap():
+    problem = _brief_example()  # largest number: 24, in plan 0's "12 + 12 = 24"
+    assert problems.capped(problem, 24).max_quantity == 24
+    assert problems.capped(problem, 23) is None
+    assert problems.capped(problem, 11) is None  # the question's 12 is above
+    assert problems.work(problem.plans[1], max_quantity=19) is not None  # 7, 12, 19
+    assert problems.work(problem.plans[1], (2, "slip", 1), max_quantity=19) is None
+
+
+@pytest.mark.parametrize("max_quantity", [25, 40])
+def test_a_small_max_quantity_bounds_every_number_of_every_rationale(max_quantity):
+    rng = random.Random(7)
+    seen_wrong = 0
+    for _ in range(300):
+        problem = stories.draw_problem(rng, max_quantity=max_quantity)
+        assert max(int(x) for x in re.findall(r"\d+", problem.question)) <= max_quantity
+        for rationale in problems.teacher_rationales(problem, rng, 8, 0.3):
+            numbers = [int(x) for x in re.findall(r"\d+", rationale.text)]
+            assert max(numbers) <= max_quantity, rationale.text
+            assert answers.extract_answer(rationale.text, problems.DEMO_TASK,
+                                          question=problem.question) == str(rationale.answer)
+            assert rationale.correct == (rationale.answer == problem.answer)
+            seen_wrong += not rationale.correct
+    assert seen_wrong > 300
+
+
+def test_a_cap_no_problem_of_the_kind_fits_is_a_clear_error():
+    with pytest.raises(ValueError, match="no farm problem has all its numbers at most 10"):
+        stories.draw_problem(random.Random(0), ["farm"], 10, patience=200)
+
+
+def test_the_default_cap_draws_the_same_problems_as_no_cap():
+    first, second = random.Random(3), random.Random(3)
+    for _ in range(50):
+        assert stories.draw_problem(first) == stories.draw_problem(
+            second, max_quantity=problems.MAX_QUANTITY)

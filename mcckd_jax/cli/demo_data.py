@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kinds", default="",
                         help="comma-separated story kinds to use (default all: "
                         f"{','.join(sorted(stories.KINDS))}); fewer kinds make an easier task")
+    parser.add_argument("--max_quantity", type=int, default=defaults.max_quantity,
+                        help="largest number in any question or rationale (at most "
+                        f"{problems.MAX_QUANTITY}); smaller numbers make an easier task")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     return parser
 
@@ -107,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = dataset.DemoDataConfig(
             train=args.train, dev=args.dev, test=args.test,
             rationales_per_question=args.rationales_per_question, wrong_share=args.wrong_share,
-            seed=args.seed, kinds=tuple(k for k in args.kinds.split(",") if k))
+            seed=args.seed, kinds=tuple(k for k in args.kinds.split(",") if k),
+            max_quantity=args.max_quantity)
         summary = write_demo_data(args.out_dir, config, args.vocab_size)
     except (ValueError, OSError) as error:
         print(f"mcckd-demo-data: error: {' '.join(str(error).split())}", file=sys.stderr)

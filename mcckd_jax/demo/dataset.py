@@ -36,6 +36,7 @@ class DemoDataConfig:
     wrong_share: float = 0.25  # probability that a teacher draw is wrong
     seed: int = 0
     kinds: tuple[str, ...] = ()  # story kinds to draw from (stories.KINDS); empty: all of them
+    max_quantity: int = problems.MAX_QUANTITY  # largest number in any question or rationale
 
     def __post_init__(self):
         unknown = sorted(set(self.kinds) - set(stories.KINDS))
@@ -49,6 +50,9 @@ class DemoDataConfig:
         if self.rationales_per_question < 1:
             raise ValueError("rationales_per_question must be >= 1, got "
                              f"{self.rationales_per_question}")
+        if not 10 <= self.max_quantity <= problems.MAX_QUANTITY:
+            raise ValueError(f"max_quantity must be in [10, {problems.MAX_QUANTITY}], got "
+                             f"{self.max_quantity}")
         if not 0.0 <= self.wrong_share < 1.0:
             raise ValueError(f"wrong_share must be in [0, 1), got {self.wrong_share}")
 
@@ -80,7 +84,7 @@ def draw_splits(config: DemoDataConfig, *, patience: int = 50_000
         rng = random.Random(f"{config.seed}:{split}")
         seen, chosen, rejected = set(), [], 0
         while len(chosen) < sizes[split]:
-            problem = stories.draw_problem(rng, config.kinds)
+            problem = stories.draw_problem(rng, config.kinds, config.max_quantity)
             if problem.key in seen or split_of(problem.key, config.seed, sizes) != split:
                 rejected += 1
                 if rejected > patience:

@@ -57,6 +57,7 @@ class Problem:
     words: Mapping[str, str | int]  # names, nouns and quantities the templates refer to
     plans: tuple[tuple[Step, ...], ...]  # each ends with a step whose result is the answer
     story_ending: str  # a final sentence in the story's words, with {answer}
+    max_quantity: int = MAX_QUANTITY  # largest number any of its rationales may contain
 
     @property
     def key(self) -> tuple:
@@ -94,9 +95,10 @@ def _apply(op: str, left: int, right: int) -> int | None:
     return left // right if right and left % right == 0 else None
 
 
-def work(plan: Sequence[Step], corruption: Corruption | None = None
-         ) -> list[tuple[int, str, int, int]] | None:
-    """(left, op, right, result) of each step, or None when some number leaves [0, 99].
+def work(plan: Sequence[Step], corruption: Corruption | None = None,
+         max_quantity: int = MAX_QUANTITY) -> list[tuple[int, str, int, int]] | None:
+    """(left, op, right, result) of each step, or None when some number leaves
+    [0, max_quantity].
 
     A corruption changes one step; later steps use its (wrong) result, as a reasoner would.
     """
@@ -111,7 +113,7 @@ def work(plan: Sequence[Step], corruption: Corruption | None = None
         if result is not None and corruption is not None and corruption[0] == index and (
                 corruption[1] == "slip"):
             result += corruption[2]
-        if result is None or not 0 <= result <= MAX_QUANTITY:
+        if result is None or not 0 <= result <= max_quantity or max(left, right) > max_quantity:
             return None
         values[step.name] = result
         calcs.append((left, op, right, result))
@@ -123,7 +125,7 @@ def render(problem: Problem, plan: int, phrasings: Sequence[int], ending: str,
     """The rationale that follows plan `plan` with the given phrasing per step and ending
     template; None when the corruption leaves the range of small numbers."""
     steps = problem.plans[plan]
-    calcs = work(steps, corruption)
+    calcs = work(steps, corruption, problem.max_quantity)
     if calcs is None:
         return None
     final = calcs[-1][3]
@@ -150,6 +152,15 @@ def checked(kind: str, numbers: tuple[int, ...], question: str, words: Mapping[s
     return Problem(kind=kind, numbers=tuple(numbers), question=question.format(**words),
                    answer=finals.pop(), words=dict(words),
                    plans=tuple(tuple(plan) for plan in plans), story_ending=story_ending)
+
+
+def capped(problem: Problem, max_quantity: int) -> Problem | None:
+    """The problem with every number of its question and its rationales (wrong ones included)
+    kept at most `max_quantity`; None when its question or one of its plans goes above."""
+    if max(problem.numbers) > max_quantity or any(
+            work(plan, max_quantity=max_quantity) is None for plan in problem.plans):
+        return None
+    return dataclasses.replace(problem, max_quantity=max_quantity)
 
 
 def reference_rationale(problem: Problem) -> Rationale:

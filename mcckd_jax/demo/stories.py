@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from mcckd_jax.demo.problems import Problem, Step, checked
+from mcckd_jax.demo.problems import MAX_QUANTITY, Problem, Step, capped, checked
 
 NAMES = (("Tom", "he", "his"), ("Ann", "she", "her"), ("Ben", "he", "his"),
          ("Mia", "she", "her"), ("Sam", "he", "his"), ("Lily", "she", "her"),
@@ -239,14 +239,23 @@ KINDS = {kind.__name__: kind for kind in (buy_and_give, together, share, shop, f
                                           three_days)}
 
 
-def draw_problem(rng: random.Random, kinds: Sequence[str] | None = None) -> Problem:
-    """A problem of a random kind among `kinds` (default all), its numbers redrawn until valid.
+def draw_problem(rng: random.Random, kinds: Sequence[str] | None = None,
+                 max_quantity: int = MAX_QUANTITY, *, patience: int = 10_000) -> Problem:
+    """A problem of a random kind among `kinds` (default all), its numbers redrawn until valid
+    and none of them, in the question or any rationale, is above `max_quantity`.
 
     The kind is chosen once, before the redraws, so that kinds with more constraints (sharing
     without remainder) are as frequent as the others.
+
+    Raises:
+      ValueError: `patience` draws in a row of the chosen kind stayed above `max_quantity`.
     """
-    story = KINDS[rng.choice(sorted(kinds or KINDS))]
-    while True:
-        problem = story(rng)
+    kind = rng.choice(sorted(kinds or KINDS))
+    for _ in range(patience):
+        problem = KINDS[kind](rng)
+        if problem is not None:
+            problem = capped(problem, max_quantity)
         if problem is not None:
             return problem
+    raise ValueError(f"no {kind} problem has all its numbers at most {max_quantity}; "
+                     "raise max_quantity or leave that kind out")
