@@ -10,7 +10,7 @@
 # 4. the tiny LLaMA student from scratch, evaluated before training (step 0), trained with
 #    MCC-KD (configs/demo.yaml) and, as the baseline, with alpha = 0 (plain multi-rationale
 #    fine-tuning), each evaluated on the held-out test questions;
-# 5. a table of the accuracies and runs/demo/mcckd/metrics.png (training curves).
+# 5. a table of the accuracies and runs/demo/curves.png (both runs' training curves).
 #
 # Outputs go to runs/demo (DEMO_DIR to change). Extra arguments are passed to both trainings
 # as config overrides, e.g. `bash launch/demo.sh run.steps=100`.
@@ -53,7 +53,7 @@ for run in mcckd alpha0; do
   mcckd-eval "$DEMO_DIR/$run" "${eval_flags[@]}"
   echo "== $run trained and evaluated ($((SECONDS - start)) s)"
 done
-mcckd-plot "$DEMO_DIR/mcckd"
+mcckd-plot "$DEMO_DIR/mcckd" "$DEMO_DIR/alpha0" --out "$DEMO_DIR/curves.png"
 
 python - "$DEMO_DIR" <<'EOF'
 import json, pathlib, sys
@@ -74,6 +74,6 @@ for run, label in (("mcckd", "MCC-KD"), ("alpha0", "alpha = 0 (plain multi-CoT)"
     print(f"  {label:<28} step {step:<4} {result['accuracy']:7.1%}"
           f"  (no answer: {result['missing_rate']:.1%})")
 print(f"\nPredictions: {root}/<run>/eval/step_<N>/test/predictions.jsonl; "
-      f"curves: {root}/mcckd/metrics.png")
+      f"curves: {root}/curves.png")
 EOF
 echo "== done in $((SECONDS - start)) s"

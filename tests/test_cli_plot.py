@@ -103,3 +103,19 @@ def test_a_bad_line_is_one_line_on_stderr_naming_file_line_and_field(tmp_path, c
 def test_a_missing_metrics_file_is_a_one_line_error(tmp_path, capsys):
     assert cli.main([str(tmp_path)]) == 2
     assert f"{tmp_path / 'metrics.jsonl'}: no such file" in capsys.readouterr().err
+
+
+def test_several_runs_overlay_with_their_names(tmp_path, capsys):
+    first = _run(tmp_path / "a")
+    second = _run(tmp_path / "b", with_eval=False)
+    (second / "dev_eval").mkdir()
+    _write_lines(second / "dev_eval" / "metrics.jsonl",
+                 [{"step": 2, "dataset": "dev", "accuracy": 0.25}])
+    out = tmp_path / "both.png"
+    assert cli.main([str(first), str(second), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert _png_size(out.read_bytes()) == (1000, 750)
+    _, evals = cli.run_curves(second, "b")
+    assert evals == {"b: dev (during training)": ([2], [0.25])}
+    _, evals = cli.run_curves(first)
+    assert set(evals) == {"dev", "test"}

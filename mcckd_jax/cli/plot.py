@@ -1,6 +1,7 @@
-"""mcckd-plot RUN_DIR [--out PNG]: a run's training curves and eval accuracy in one PNG.
+"""mcckd-plot RUN_DIR [RUN_DIR...] [--out PNG]: training curves and eval accuracy in one PNG.
 
-    mcckd-plot runs/demo                       # writes runs/demo/metrics.png
+    mcckd-plot runs/demo/mcckd                          # writes runs/demo/mcckd/metrics.png
+    mcckd-plot runs/demo/mcckd runs/demo/alpha0         # both runs overlaid
 
 Reads RUN_DIR/metrics.jsonl (one JSON object per logged step, written by
 `mcckd_jax.train.metrics`: `step`, `loss`, `ce`, `kl`, ...) and, when present,
@@ -120,19 +121,24 @@ def eval_curves(path: pathlib.Path) -> dict[str, Curve]:
     return {dataset: _curve(values) for dataset, values in sorted(points.items())}
 
 
-def _draw_train(axes, title: str, curve: Curve) -> None:
-    steps, values = curve
+def _draw_train(axes, title: str, curves: Mapping[str, Curve]) -> None:
+    """One line per run (labelled when there are several)."""
     axes.set_title(title)
     axes.set_xlabel("step")
-    if not steps:
+    drawn = {label: curve for label, curve in curves.items() if curve[0]}
+    if not drawn:
         axes.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axes.transAxes)
         return
-    axes.plot(steps, values, linewidth=1.2)
-    finite = [v for v in values if math.isfinite(v)]
+    finite = []
+    for label, (steps, values) in drawn.items():
+        axes.plot(steps, values, linewidth=1.2, label=label)
+        finite += [v for v in values if math.isfinite(v)]
     # Losses fall over orders of magnitude; a log axis keeps the late progress visible.
     if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
+    if len(curves) > 1:
+        axes.legend()
 
 
 def _draw_eval(axes, curves: Mapping[str, Curve]) -> None:
@@ -150,15 +156,20 @@ def _draw_eval(axes, curves: Mapping[str, Curve]) -> None:
     axes.legend()
 
 
-def plot(train: Mapping[str, Curve], evals: Mapping[str, Curve], out: pathlib.Path,
-         title: str) -> None:
-    """Writes the four-panel PNG to `out` through a temporary file and a rename."""
+def plot(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve],
+         out: pathlib.Path, title: str) -> None:
+    """Writes the four-panel PNG to `out` through a temporary file and a rename.
+
+    Args:
+      train: run label -> metric -> curve.
+      evals: line label -> accuracy curve.
+    """
     from matplotlib.figure import Figure  # Slow import; a Figure needs no pyplot state.
 
     figure = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
     grid = figure.subplots(2, 2)
     for axes, (field, label) in zip(grid.flat, TRAIN_PANELS):
-        _draw_train(axes, label, train[field])
+        _draw_train(axes, label, {run: curves[field] for run, curves in train.items()})
     _draw_eval(grid.flat[3], evals)
     figure.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,23 +184,40 @@ def plot(train: Mapping[str, Curve], evals: Mapping[str, Curve], out: pathlib.Pa
         raise
 
 
+def run_curves(run_dir: pathlib.Path, label: str = "") -> tuple[dict[str, Curve],
+                                                                 dict[str, Curve]]:
+    """(training curves, eval accuracy curves) of one run; eval lines are named
+    "<label>: <dataset>" when a label is given."""
+    train = train_curves(run_dir / "metrics.jsonl")
+    evals = {}
+    # mcckd-eval's results, and the dev accuracy measured during training (dev_eval).
+    for folder, kind in (("eval", ""), ("dev_eval", " (during training)")):
+        path = run_dir / folder / "metrics.jsonl"
+        if path.exists():
+            evals.update({f"{label}: {name}{kind}" if label else f"{name}{kind}": curve
+                          for name, curve in eval_curves(path).items()})
+    return train, evals
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mcckd-plot", description="Plot a run's loss, CE, KL "
-                                     "and eval accuracy into one PNG.")
-    parser.add_argument("run_dir", help="folder with metrics.jsonl (and eval/metrics.jsonl)")
-    parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/metrics.png)")
+    parser = argparse.ArgumentParser(prog="mcckd-plot", description="Plot runs' loss, CE, KL "
+                                     "and eval accuracy into one PNG (several runs overlay).")
+    parser.add_argument("run_dirs", nargs="+", metavar="run_dir",
+                        help="folder with metrics.jsonl (and eval/metrics.jsonl)")
+    parser.add_argument("--out", default=None,
+                        help="PNG to write (default: metrics.png in the first run_dir)")
     args = parser.parse_args(argv)
-    run_dir = pathlib.Path(args.run_dir)
-    out = pathlib.Path(args.out) if args.out else run_dir / "metrics.png"
+    run_dirs = [pathlib.Path(run) for run in args.run_dirs]
+    out = pathlib.Path(args.out) if args.out else run_dirs[0] / "metrics.png"
+    several = len(run_dirs) > 1
     try:
-        train = train_curves(run_dir / "metrics.jsonl")
-        evals = {}
-        # mcckd-eval's results, and the dev accuracy measured during training (dev_eval).
-        for folder, prefix in (("eval", ""), ("dev_eval", "during training: ")):
-            path = run_dir / folder / "metrics.jsonl"
-            if path.exists():
-                evals.update({prefix + name: curve for name, curve in eval_curves(path).items()})
-        plot(train, evals, out, title=str(run_dir))
+        train, evals = {}, {}
+        for run_dir in run_dirs:
+            label = run_dir.name if several else ""
+            train[label or str(run_dir)], run_evals = run_curves(run_dir, label)
+            evals.update(run_evals)
+        plot(train, evals, out, title=" vs ".join(run.name if several else str(run)
+                                                  for run in run_dirs))
     except (MetricsError, OSError) as error:
         print(f"mcckd-plot: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
