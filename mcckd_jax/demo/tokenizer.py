@@ -6,8 +6,8 @@ exact for any text of printable ASCII and newlines: there is no normalisation. E
 its own token, with or without the space before it ("▁1", "2" for " 12"), so numbers of any
 size are spelled with 20 digit tokens and an answer span never shares a token with the
 punctuation after it (with `whole_numbers`, a number's digits may merge into one token
-instead, never with anything else). Punctuation is split off the same way ("▁=", "."), so the word tokens
-are whole words. Characters outside the initial alphabet (printable ASCII, newline) become
+instead, never with anything else). Punctuation is split off the same way ("▁=", "."), so
+the word tokens are whole words. Characters outside the initial alphabet (printable ASCII, newline) become
 `<unk>`.
 
 The folder written by `save_pretrained` loads offline with
