@@ -105,6 +105,14 @@ def test_max_quantity_option_bounds_every_number_in_the_files(tmp_path, capsys):
     assert max(int(x) for text in texts for x in re.findall(r"\d+", text)) <= 25
 
 
+def test_whole_numbers_option_makes_small_numbers_single_tokens(tmp_path, capsys):
+    assert cli.main([str(tmp_path), *SMALL, "--max_quantity", "25", "--whole_numbers"]) == 0
+    loaded = load_tokenizer(tmp_path / cli.TOKENIZER_FOLDER)
+    ids = loaded("So 9 + 3 = 12.", add_special_tokens=False)["input_ids"]
+    assert "▁12" in loaded.convert_ids_to_tokens(ids)
+    assert loaded.decode(ids) == "So 9 + 3 = 12."
+
+
 def test_runs_as_a_program(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mcckd_jax.cli.demo_data", str(tmp_path),
                              "--train", "10", "--dev", "2", "--test", "2"],

@@ -59,6 +59,17 @@ def test_each_digit_is_its_own_token(demo, loaded):
                ) == {"<unk>"}
 
 
+def test_whole_numbers_become_single_tokens_and_round_trip(demo):
+    trained = tokenizer.train_tokenizer(tokenizer.corpus(demo["train"]), whole_numbers=True)
+    pieces = trained.encode("He has 12 + 5 = 17 apples.", add_special_tokens=False).tokens
+    assert [p for p in pieces if re.search(r"\d", p)] == ["▁12", "▁5", "▁17"]
+    for piece in trained.get_vocab():  # digits merge only with digits (and the space before)
+        assert not re.search(r"\d", piece) or re.fullmatch(r"▁?\d+", piece), piece
+    for text in _texts(demo["train"]) + _texts(demo["eval"]) + ["It costs 98765 dollars."]:
+        ids = trained.encode(text, add_special_tokens=False).ids
+        assert trained.decode(ids) == text
+
+
 def test_special_tokens_and_size(demo, loaded):
     assert len(loaded) == demo["trained"].get_vocab_size() <= tokenizer.DEFAULT_VOCAB_SIZE
     assert [loaded.unk_token_id, loaded.bos_token_id, loaded.eos_token_id,

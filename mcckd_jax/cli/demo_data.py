@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="probability that a teacher draw has a wrong answer")
     parser.add_argument("--vocab_size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
                         help="tokenizer vocabulary, special tokens included")
+    parser.add_argument("--whole_numbers", action="store_true",
+                        help="let the tokenizer make a number one token (default: one token "
+                        "per digit); a tiny student learns the arithmetic much faster")
     parser.add_argument("--kinds", default="",
                         help="comma-separated story kinds to use (default all: "
                         f"{','.join(sorted(stories.KINDS))}); fewer kinds make an easier task")
@@ -80,14 +83,16 @@ def _summary(out_dir: pathlib.Path, stats: dict, lengths: list[int], vocab: int)
 
 
 def write_demo_data(out_dir: str | os.PathLike, config: dataset.DemoDataConfig,
-                    vocab_size: int = tokenizer.DEFAULT_VOCAB_SIZE) -> str:
+                    vocab_size: int = tokenizer.DEFAULT_VOCAB_SIZE, *,
+                    whole_numbers: bool = False) -> str:
     """Writes the demo files into `out_dir` (module docstring); returns the summary paragraph."""
     out_dir = pathlib.Path(out_dir)
     splits = dataset.draw_splits(config)
     train_rows, drafts = dataset.train_records(splits["train"], config)
     rows = {"train": train_rows, "dev": dataset.eval_records(splits["dev"]),
             "test": dataset.eval_records(splits["test"])}
-    trained = tokenizer.train_tokenizer(tokenizer.corpus(train_rows), vocab_size)
+    trained = tokenizer.train_tokenizer(tokenizer.corpus(train_rows), vocab_size,
+                                        whole_numbers=whole_numbers)
     texts = [r.text for drawn in drafts for r in drawn]
     lengths = [len(e.ids) for e in trained.encode_batch(texts, add_special_tokens=False)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rationales_per_question=args.rationales_per_question, wrong_share=args.wrong_share,
             seed=args.seed, kinds=tuple(k for k in args.kinds.split(",") if k),
             max_quantity=args.max_quantity)
-        summary = write_demo_data(args.out_dir, config, args.vocab_size)
+        summary = write_demo_data(args.out_dir, config, args.vocab_size,
+                                  whole_numbers=args.whole_numbers)
     except (ValueError, OSError) as error:
         print(f"mcckd-demo-data: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ and start the next token (as in sentencepiece), which makes `decode(encode(text)
 exact for any text of printable ASCII and newlines: there is no normalisation. Each digit is
 its own token, with or without the space before it ("▁1", "2" for " 12"), so numbers of any
 size are spelled with 20 digit tokens and an answer span never shares a token with the
-punctuation after it. Punctuation is split off the same way ("▁=", "."), so the word tokens
-are whole words. Characters outside the initial alphabet (printable ASCII, newline) become
+punctuation after it (with `whole_numbers`, a number's digits may merge into one token
+instead, never with anything else). Punctuation is split off the same way ("▁=", "."), so
+the word tokens are whole words. Characters outside the initial alphabet (printable ASCII, newline) become
 `<unk>`.
 
 The folder written by `save_pretrained` loads offline with
@@ -36,23 +37,30 @@ DEFAULT_VOCAB_SIZE = 512
 ALPHABET = tuple(chr(code) for code in range(32, 127)) + ("\n", SPACE)
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+def _pre_tokenizer(whole_numbers: bool = False) -> pre_tokenizers.PreTokenizer:
+    digits = r"\d+" if whole_numbers else r"\d"
     return pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),
-        pre_tokenizers.Split(Regex(rf"{SPACE}?\d"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(rf"{SPACE}?{digits}"), behavior="isolated"),
         pre_tokenizers.Split(Regex(rf"{SPACE}?[^\w{SPACE}\s]"), behavior="isolated"),
     ])
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, *,
+                    whole_numbers: bool = False) -> Tokenizer:
     """A BPE tokenizer trained on `texts`, with the special tokens first (ids 0-3: unk, bos,
-    eos, pad) and a post-processor that puts BOS in front of each encoded text."""
+    eos, pad) and a post-processor that puts BOS in front of each encoded text.
+
+    With `whole_numbers`, BPE may merge the digits of a number (never a number with anything
+    else), so the frequent small numbers become one token each ("▁23"): a tiny student then
+    copies a quantity and looks up a sum as one token instead of spelling digits and carries.
+    """
     special = list(SPECIAL_TOKENS.values())
     if vocab_size < len(special) + len(ALPHABET):
         raise ValueError(f"vocab_size must be at least {len(special) + len(ALPHABET)} (special "
                          f"tokens and the alphabet), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = _pre_tokenizer()
+    tokenizer.pre_tokenizer = _pre_tokenizer(whole_numbers)
     tokenizer.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=list(ALPHABET), limit_alphabet=len(ALPHABET),
