@@ -34,7 +34,7 @@ echo "== environment ready ($((SECONDS - start)) s)"
 
 data="$DEMO_DIR/data"
 rm -rf "$DEMO_DIR"
-mcckd-demo-data "$data" --train 2000 --dev 100 --test 300 --max_quantity 25
+mcckd-demo-data "$data" --train 2000 --dev 100 --test 300 --max_quantity 25 --whole_numbers
 mcckd-prepare "$data/train.json" --task gsm8k --num_rationales 4 \
     --output "$data/train_prepared.jsonl"
 echo "== data ready ($((SECONDS - start)) s)"
