@@ -1,16 +1,153 @@
-"""Real weights: SmolLM2-135M-Instruct (GGUF) against transformers on real GSM8K prompts."""
+"""Decoding against transformers `generate`: tiny random LLaMA and T5, and SmolLM2-135M-Instruct
+(GGUF, slow) on real GSM8K prompts; sampling against float64 NumPy; sharded against one device.
 
+Tiny references are built here with a fixed torch seed (never downloaded) and loaded into our
+models through `hf_import.load_named_tensors`.
+
+Shape legend: B batch, L prompt length, N new tokens, V vocabulary.
+"""
+
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 import torch
+import transformers
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import hf_reference as ref
 from mcckd_jax import sharding
-from mcckd_jax.eval.decoding import greedy_generate
-from mcckd_jax.models import pretrained
+from mcckd_jax.eval import decoding
+from mcckd_jax.eval.decoding import SamplingConfig, generate, generate_with_step_count, greedy_generate
+from mcckd_jax.models import hf_import, llama, pretrained, t5
+
+PAD = 0
+
+
+def left_padded_prompts(seed, vocab, lengths, width):
+    """Random prompts [B, L] (tokens >= 3) left-padded with PAD, and their mask."""
+    rng = np.random.default_rng(seed)
+    mask_BL = np.zeros((len(lengths), width), np.int32)
+    for row, length in enumerate(lengths):
+        mask_BL[row, width - length:] = 1
+    return (rng.integers(3, vocab, mask_BL.shape) * mask_BL).astype(np.int32), mask_BL
+
+
+def hf_generate(hf_model, prompt_BL, mask_BL, num_new, eos_token_id, pad_token_id=PAD,
+                use_cache=True):
+    """transformers' greedy continuation; its width is < num_new when every row stopped."""
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=torch.tensor(prompt_BL).long(),
+                                attention_mask=torch.tensor(mask_BL).long(),
+                                max_new_tokens=num_new, do_sample=False, use_cache=use_cache,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id).numpy()
+    return out
+
+
+def assert_equal_to_reference(ours_BN, steps, reference_BN, pad_token_id=PAD):
+    """Ours equals transformers' tokens, holds pads where transformers stopped, and ran exactly
+    as many decoding steps as transformers (which stops when every row has emitted EOS)."""
+    width = reference_BN.shape[1]
+    np.testing.assert_array_equal(ours_BN[:, :width], reference_BN)
+    assert (ours_BN[:, width:] == pad_token_id).all()
+    assert int(steps) == width - 1
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh((2, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(mesh):
+    hf_model = ref.tiny_hf_llama(seed=0)
+    return hf_model, ref.load_into_ours(hf_model, mesh)
+
+
+def test_llama_greedy_equals_transformers_generate_and_stops_at_eos(tiny_llama, mesh):
+    hf_model, model = tiny_llama
+    prompt_BL, mask_BL = left_padded_prompts(0, 96, lengths=(9, 4, 12, 1), width=12)
+    num_new = 16
+    # An EOS that row 0 emits as its 4th token; whether the others stop, and when, is
+    # transformers' to say.
+    unstopped = hf_generate(hf_model, prompt_BL, mask_BL, num_new, eos_token_id=95)[:, 12:]
+    eos = int(unstopped[0, 3])
+    expected = hf_generate(hf_model, prompt_BL, mask_BL, num_new, eos_token_id=eos)[:, 12:]
+    with sharding.activate(mesh):
+        ours, steps = generate_with_step_count(
+            model, prompt_BL, mask_BL, sampling=SamplingConfig(max_new_tokens=num_new),
+            eos_token_ids=(eos,), pad_token_id=PAD)
+    assert (np.asarray(ours)[0, 4:] == PAD).all()  # the case is not trivial: row 0 stopped
+    assert_equal_to_reference(np.asarray(ours), steps, expected)
+
+
+def test_decoding_stops_when_every_row_has_emitted_eos(tiny_llama, mesh):
+    _, model = tiny_llama
+    prompt_BL, mask_BL = left_padded_prompts(1, 96, lengths=(5, 7), width=7)
+    sampling = SamplingConfig(max_new_tokens=24)
+    with sharding.activate(mesh):
+        free, free_steps = generate_with_step_count(model, prompt_BL, mask_BL, sampling=sampling,
+                                                    eos_token_ids=(), pad_token_id=PAD)
+        # Every token is an EOS: each row stops at its first token, so no step runs.
+        stopped, stopped_steps = generate_with_step_count(
+            model, prompt_BL, mask_BL, sampling=sampling, eos_token_ids=tuple(range(96)),
+            pad_token_id=PAD)
+    assert int(free_steps) == 23 and int(stopped_steps) == 0
+    np.testing.assert_array_equal(np.asarray(stopped)[:, 0], np.asarray(free)[:, 0])
+    assert (np.asarray(stopped)[:, 1:] == PAD).all()
+
+
+def _tiny_hf_t5(tied, feed_forward_proj):
+    config = transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        feed_forward_proj=feed_forward_proj, tie_word_embeddings=tied, dropout_rate=0.0,
+        decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    if not tied:
+        # transformers >= 5 ties lm_head to `shared` at construction; give it its own head
+        # (as test_models_t5 does) so that an untied head is really exercised.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(128, 32))
+    return model
+
+
+def _load_t5(hf_model, mesh):
+    config = t5.T5Config.from_hf(hf_model.config)
+    tensors = ((name, value.detach().numpy()) for name, value in hf_model.state_dict().items())
+    return hf_import.load_named_tensors(
+        lambda: t5.T5Model(config, rngs=nnx.Rngs(0)), tensors, mesh=mesh,
+        hf_prefix=t5.T5Model.HF_PREFIX, hf_unprefixed=t5.T5Model.HF_UNPREFIXED,
+        ignored_names=functools.partial(t5.hf_ignored, config))
+
+
+@pytest.mark.parametrize("tied, feed_forward_proj", [(False, "gated-gelu"), (True, "relu")])
+def test_t5_greedy_equals_transformers_generate(tied, feed_forward_proj, mesh):
+    hf_model = _tiny_hf_t5(tied, feed_forward_proj)
+    model = _load_t5(hf_model, mesh)
+    # Encoder inputs right-padded, as the eval batches hold them, and one left-padded row.
+    prompt_BL, mask_BL = left_padded_prompts(2, 128, lengths=(10, 3, 7, 10), width=10)
+    prompt_BL[:3], mask_BL[:3] = prompt_BL[:3, ::-1], mask_BL[:3, ::-1]
+    num_new = 20
+    # transformers' encoder-decoder cache has num_layers (2), not num_decoder_layers (3),
+    # entries and fails; without the cache it recomputes every step, a reference that shares
+    # nothing with our cached decoding.
+    reference = functools.partial(hf_generate, hf_model, prompt_BL, mask_BL, num_new,
+                                  use_cache=False)
+    # The first new token of row 1 as EOS, so that rows stop at different steps.
+    eos = int(reference(eos_token_id=127)[1, 1])
+    expected = reference(eos_token_id=eos)[:, 1:]
+    with sharding.activate(mesh):
+        ours, steps = generate_with_step_count(
+            model, prompt_BL, mask_BL, sampling=SamplingConfig(max_new_tokens=num_new),
+            eos_token_ids=(eos,), pad_token_id=PAD)
+    assert (np.asarray(ours)[1, 1:] == PAD).all()
+    assert_equal_to_reference(np.asarray(ours), steps, expected)
 
 
 @pytest.fixture(scope="module")
