@@ -27,10 +27,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_step import SMOLLM2  # noqa: E402
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# This checkout's package, not whichever one is installed in the environment.
+sys.path[:0] = [str(REPO_ROOT), os.path.dirname(os.path.abspath(__file__))]
+from model_step import SMOLLM2  # noqa: E402
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"  # data.tokenization.DEFAULT_PROMPT_TEMPLATE
 PAD_ID = 2  # SmolLM2's pad (= EOS) token
 BUCKET = 64  # our prompt lengths are rounded up to a multiple of this

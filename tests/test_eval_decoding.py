@@ -150,6 +150,108 @@ def test_t5_greedy_equals_transformers_generate(tied, feed_forward_proj, mesh):
     assert_equal_to_reference(np.asarray(ours), steps, expected)
 
 
+def _nucleus_probabilities(logits_V, temperature, top_p):
+    """float64 softmax(logits / T) restricted to the top-p nucleus and renormalised, and the
+    distance of the nucleus edge from top_p (how much rounding it takes to move a token in or
+    out)."""
+    scaled = np.asarray(logits_V, np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    kept = order[mass_before < top_p]
+    nucleus = np.zeros_like(probs)
+    nucleus[kept] = probs[kept] / probs[kept].sum()
+    return nucleus, np.abs(mass_before - top_p).min()
+
+
+def test_sampled_first_tokens_follow_the_tempered_nucleus(mesh):
+    temperature, top_p, rows = 0.7, 0.8, 8192
+    with sharding.activate(mesh):
+        # A large initialiser so that the next-token distribution is far from uniform.
+        model = llama.LlamaModel(llama.tiny(initializer_range=0.3), rngs=nnx.Rngs(3))
+        prompts_2L, masks_2L = left_padded_prompts(3, 128, lengths=(6, 3), width=6)
+        logits_2V = np.asarray(model.logits(model(jnp.asarray(prompts_2L), positions_BL=jnp.asarray(
+            np.maximum(np.cumsum(masks_2L, 1) - 1, 0)), attention_mask_BL=jnp.asarray(masks_2L))))
+        tokens_B1 = generate(model, np.repeat(prompts_2L, rows, 0), np.repeat(masks_2L, rows, 0),
+                             sampling=SamplingConfig(temperature, top_p, max_new_tokens=1),
+                             eos_token_ids=(), pad_token_id=PAD, rng=jax.random.key(7))
+    tokens_2R = np.asarray(tokens_B1).reshape(2, rows)
+    for logits_V, tokens_R in zip(logits_2V[:, -1], tokens_2R):
+        nucleus_V, edge_margin = _nucleus_probabilities(logits_V, temperature, top_p)
+        kept = nucleus_V > 0
+        assert 4 <= kept.sum() <= 64 and edge_margin > 1e-4  # a non-trivial, well-defined case
+        counts_V = np.bincount(tokens_R, minlength=128)
+        assert counts_V[~kept].sum() == 0
+        # Pearson chi-square over the nucleus; the second check shows the test has the power
+        # to reject a sampler that ignored the temperature.
+        assert scipy.stats.chisquare(counts_V[kept], rows * nucleus_V[kept]).pvalue > 1e-3
+        untempered_V, _ = _nucleus_probabilities(logits_V, 1.0, top_p)
+        untempered_V = np.where(kept, untempered_V, 0)
+        untempered_V[kept] += 1e-12
+        untempered_V /= untempered_V.sum()
+        assert scipy.stats.chisquare(counts_V[kept], rows * untempered_V[kept]).pvalue < 1e-6
+
+
+def test_sampling_is_reproducible_and_a_vanishing_nucleus_is_greedy(tiny_llama, mesh):
+    _, model = tiny_llama
+    prompt_BL, mask_BL = left_padded_prompts(4, 96, lengths=(8, 5, 2, 8), width=8)
+    run = functools.partial(generate, model, prompt_BL, mask_BL, eos_token_ids=(),
+                            pad_token_id=PAD)
+    sampled = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=12)
+    with sharding.activate(mesh):
+        first = np.asarray(run(sampling=sampled, rng=jax.random.key(0)))
+        again = np.asarray(run(sampling=sampled, rng=jax.random.key(0)))
+        other = np.asarray(run(sampling=sampled, rng=jax.random.key(1)))
+        greedy = np.asarray(run(sampling=SamplingConfig(max_new_tokens=12)))
+        narrow = np.asarray(run(sampling=SamplingConfig(1.0, 1e-6, 12), rng=jax.random.key(2)))
+        zero = np.asarray(run(sampling=SamplingConfig(1.0, 0.0, 12), rng=jax.random.key(3)))
+    np.testing.assert_array_equal(first, again)
+    assert (first != other).mean() > 0.5 and (first != greedy).mean() > 0.5
+    np.testing.assert_array_equal(narrow, greedy)
+    np.testing.assert_array_equal(zero, greedy)
+    with pytest.raises(ValueError, match="rng"):
+        run(sampling=sampled)
+
+
+def test_sharded_decoding_equals_one_device():
+    hf_model = ref.tiny_hf_llama(seed=1)
+    prompt_BL, mask_BL = left_padded_prompts(5, 96, lengths=(7, 2, 9, 9, 4, 1, 6, 8), width=9)
+    outputs = {}
+    for shape in ((2, 2, 2), (1, 1, 1)):
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+        model = ref.load_into_ours(hf_model, mesh)
+        with sharding.activate(mesh):
+            greedy = generate(model, prompt_BL, mask_BL, sampling=SamplingConfig(max_new_tokens=10),
+                              eos_token_ids=(), pad_token_id=PAD)
+            sampled = generate(model, prompt_BL, mask_BL, sampling=SamplingConfig(1.0, 0.9, 10),
+                               eos_token_ids=(), pad_token_id=PAD, rng=jax.random.key(0))
+        outputs[shape] = np.asarray(greedy), np.asarray(sampled)
+        if shape == (2, 2, 2):  # really sharded: weights over fsdp x tensor, the batch over 4
+            assert model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+            assert len(greedy.sharding.device_set) == 8
+    np.testing.assert_array_equal(outputs[(2, 2, 2)][0], outputs[(1, 1, 1)][0])
+    np.testing.assert_array_equal(outputs[(2, 2, 2)][1], outputs[(1, 1, 1)][1])
+
+
+def test_the_loop_compiles_once_per_shape(tiny_llama, mesh):
+    _, model = tiny_llama
+    sampling = SamplingConfig(max_new_tokens=6)
+    run = functools.partial(generate, model, sampling=sampling, eos_token_ids=(2,),
+                            pad_token_id=PAD)
+    with sharding.activate(mesh):
+        run(*left_padded_prompts(6, 96, lengths=(3, 5), width=8))
+        compiled = decoding._generate._cache_size()
+        # New prompts and another copy of the model with the same graph: no new compilation.
+        run(*left_padded_prompts(7, 96, lengths=(8, 1), width=8))
+        generate(ref.load_into_ours(ref.tiny_hf_llama(seed=2), mesh),
+                 *left_padded_prompts(8, 96, lengths=(2, 2), width=8), sampling=sampling,
+                 eos_token_ids=(2,), pad_token_id=PAD)
+        assert decoding._generate._cache_size() == compiled
+        run(*left_padded_prompts(9, 96, lengths=(3, 5), width=16))  # another bucket
+        assert decoding._generate._cache_size() == compiled + 1
+
+
 @pytest.fixture(scope="module")
 def smollm2(shared_data):
     hf_model, tokenizer = ref.smollm2_hf()
