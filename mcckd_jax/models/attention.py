@@ -129,8 +129,9 @@ def _single_query_attention(query_B1HHd, key_BSKHd, value_BSKHd, mask_B1S, scale
 
     The batched-matmul path transposes keys and values to [B, K, S, Hd] first: for a single
     query that copy of the whole cache, in every layer at every step, cost about a fifth of a
-    SmolLM2 decoding step (benchmarks/generate.py), while a matmul with G rows gains nothing
-    over a multiply-and-reduce.
+    SmolLM2 decoding step (B = 16, S = 256: 98 -> 76 ms), while a matmul with G rows gains
+    nothing over a multiply-and-reduce. (A block-diagonal matmul over the cache viewed as
+    [B, S, K * Hd] was faster alone but made XLA copy the cache inside the decoding loop.)
     """
     batch, _, num_heads, head_dim = query_B1HHd.shape
     num_kv_heads = key_BSKHd.shape[2]
