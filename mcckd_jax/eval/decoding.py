@@ -159,7 +159,8 @@ def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: Samp
         return index + 1, token_B, decoder_state, done_B, tokens_BN
 
     carry = (jnp.int32(1), token_B, decoder_state, done_B, tokens_BN)
-    return jax.lax.while_loop(not_finished, body, carry)[-1]
+    num_chosen, _, _, _, tokens_BN = jax.lax.while_loop(not_finished, body, carry)
+    return tokens_BN, num_chosen - 1
 
 
 def generate(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array, *,
@@ -174,6 +175,17 @@ def generate(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array,
       rng: a `jax.random.key`; required when sampling.temperature > 0 (token n is drawn with
         fold_in(rng, n), so the same key gives the same output).
     """
+    return generate_with_step_count(model, prompt_BL, prompt_mask_BL, sampling=sampling,
+                                    eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                                    rng=rng)[0]
+
+
+def generate_with_step_count(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array,
+                             *, sampling: SamplingConfig, eos_token_ids: tuple[int, ...],
+                             pad_token_id: int,
+                             rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`generate`'s tokens [B, N] and the number of single-token decoding steps it ran after
+    the prompt (int32 scalar): N - 1, or fewer when every row emitted EOS earlier."""
     if type(model) not in _STUDENTS:
         raise TypeError(f"generate supports {sorted(t.__name__ for t in _STUDENTS)}, "
                         f"got {type(model).__name__}")
