@@ -38,8 +38,10 @@ BUCKET = 32  # our prompt lengths are rounded up to a multiple of this
 
 def decode_bytes_per_step(batch: int, cache_slots: int) -> float:
     """Bytes one decoding step must read: every weight once, plus the keys and values of
-    every layer's cache (float32)."""
-    width, inner, layers = SMOLLM2["hidden_size"], SMOLLM2["intermediate_size"], SMOLLM2["num_hidden_layers"]
+    every layer's cache (float32). Times the steps over the whole call (prefill included) it
+    gives the `decode_gb_per_s` column, a lower bound on the decoding loop's bandwidth."""
+    width, inner = SMOLLM2["hidden_size"], SMOLLM2["intermediate_size"]
+    layers = SMOLLM2["num_hidden_layers"]
     head_dim = width // SMOLLM2["num_attention_heads"]
     kv_width = SMOLLM2["num_key_value_heads"] * head_dim
     params = layers * (2 * width * width + 2 * width * kv_width + 3 * width * inner) \
@@ -54,7 +56,8 @@ def encode_prompts(shared: pathlib.Path, batch: int) -> tuple[np.ndarray, np.nda
 
     _, tokenizer = hf_reference.smollm2_hf()
     lines = (shared / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()
-    texts = [PROMPT_TEMPLATE.format(question=json.loads(line)["question"]) for line in lines[:batch]]
+    texts = [PROMPT_TEMPLATE.format(question=json.loads(line)["question"])
+             for line in lines[:batch]]
     tokenizer.padding_side = "left"
     encoded = tokenizer(texts, return_tensors="np", padding=True)
     return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)

@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 import hf_reference as ref
 from mcckd_jax import sharding
 from mcckd_jax.eval import decoding
-from mcckd_jax.eval.decoding import SamplingConfig, generate, generate_with_step_count, greedy_generate
+from mcckd_jax.eval.decoding import (SamplingConfig, generate, generate_with_step_count,
+                                     greedy_generate)
 from mcckd_jax.models import hf_import, llama, pretrained, t5
 
 PAD = 0
