@@ -50,7 +50,8 @@ for run in mcckd alpha0; do
   if [ "$run" = alpha0 ]; then alpha=(objective.alpha=0); fi
   mcckd-train "${common[@]}" "run.output_dir=$DEMO_DIR/$run" "${alpha[@]}" "$@" \
       --log_level WARNING
-  mcckd-eval "$DEMO_DIR/$run" "${eval_flags[@]}"
+  # --watch on a finished run evaluates every checkpoint it kept (steps 300 and 600), then stops.
+  mcckd-eval "$DEMO_DIR/$run" "${eval_flags[@]}" --watch --poll_seconds 1
   echo "== $run trained and evaluated ($((SECONDS - start)) s)"
 done
 mcckd-plot "$DEMO_DIR/mcckd" "$DEMO_DIR/alpha0" --out "$DEMO_DIR/curves.png"
