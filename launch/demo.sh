@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, from a fresh clone with only Python 3.11+:
 #
-#   bash launch/demo.sh            # about 6-8 minutes on 2 CPU cores, no downloads of data or weights
+#   bash launch/demo.sh            # about 6 minutes on 2 CPU cores, no downloads of data or weights
 #
 # 1. a virtual environment (.venv, reused if present) with this package installed;
 # 2. mcckd-demo-data: generated arithmetic word problems, each with several correct and some
