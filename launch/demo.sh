@@ -33,7 +33,7 @@ fi
 echo "== environment ready ($((SECONDS - start)) s)"
 
 data="$DEMO_DIR/data"
-rm -rf "$DEMO_DIR"
+rm -rf "$DEMO_DIR/data" "$DEMO_DIR/mcckd" "$DEMO_DIR/alpha0" "$DEMO_DIR/curves.png"  # a rerun starts afresh
 mcckd-demo-data "$data" --train 2000 --dev 100 --test 300 --max_quantity 25 --whole_numbers
 mcckd-prepare "$data/train.json" --task gsm8k --num_rationales 4 \
     --output "$data/train_prepared.jsonl"
