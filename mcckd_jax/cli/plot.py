@@ -15,15 +15,17 @@ field, exit status 2, and no PNG written.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import numbers
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mcckd_jax.data.prepare import write_atomically
 
 TRAIN_PANELS = (("loss", "loss"), ("ce", "cross-entropy"), ("kl", "consistency KL"))
 FIGURE_INCHES = (10.0, 7.5)
@@ -172,16 +174,9 @@ def plot(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve],
         _draw_train(axes, label, {run: curves[field] for run, curves in train.items()})
     _draw_eval(grid.flat[3], evals)
     figure.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.",
-                                             suffix=".png")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=DPI)
-        os.replace(temporary, out)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=DPI)
+    write_atomically(out, png.getvalue())
 
 
 def run_curves(run_dir: pathlib.Path, label: str = "") -> tuple[dict[str, Curve],

@@ -134,15 +134,16 @@ def prepare_records(inputs: Sequence[records.Record], config: PrepareConfig) -> 
     return PrepareResult(records=prepared, report=report)
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename: all or nothing."""
+def write_atomically(path: str | os.PathLike, content: str | bytes) -> None:
+    """Writes `content` (text as UTF-8, or bytes) to `path` through a temporary file and a
+    rename: all or nothing."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                                              suffix=".tmp")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(content.encode("utf-8") if isinstance(content, str) else content)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

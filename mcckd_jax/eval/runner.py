@@ -117,7 +117,7 @@ def evaluate(model: nnx.Module, data: EvalData, tokenizer: Any, *, config: EvalC
     pad = tokenization.pad_id(tokenizer)
     encoder = data.prompts.layout == "encoder_decoder"
     base_rng = jax.random.key(config.seed)
-    outputs: dict[int, list[str]] = {}
+    predictions: dict[int, scoring.Prediction] = {}  # question -> prediction
     correct, started = 0, time.perf_counter()
     bar = tqdm.tqdm(total=data.prompts.num_questions, unit="q", dynamic_ncols=True,
                     desc=data.dataset.name,
@@ -142,18 +142,17 @@ def evaluate(model: nnx.Module, data: EvalData, tokenizer: Any, *, config: EvalC
                 if question < 0:
                     continue
                 texts = [_decode_text(s[row], tokenizer, eos_ids) for s in samples_SGN]
-                outputs[int(question)] = texts
                 record = data.records[data.prompts.record_index[question]]
-                correct += scoring.score(record, texts, tokenization_config.task).correct
-            done = len(outputs)
+                prediction = scoring.score(record, texts, tokenization_config.task)
+                predictions[int(question)] = prediction
+                correct += prediction.correct
+            done = len(predictions)
             bar.update(int((questions_G >= 0).sum()))
             bar.set_postfix({"acc": f"{correct / max(done, 1):.3f}",
                              "q/s": f"{done / (time.perf_counter() - started):.2f}"},
                             refresh=False)
-    predictions = [scoring.score(data.records[data.prompts.record_index[q]], outputs[q],
-                                 tokenization_config.task)
-                   for q in range(data.prompts.num_questions)]
+    in_order = [predictions[q] for q in range(data.prompts.num_questions)]
     summary = {"role": data.dataset.role, "path": str(pathlib.Path(data.dataset.path)),
-               **scoring.summarize(predictions),
+               **scoring.summarize(in_order),
                "seconds": round(time.perf_counter() - started, 2)}
-    return predictions, summary
+    return in_order, summary

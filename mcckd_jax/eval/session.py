@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from mcckd_jax import sharding
 from mcckd_jax.eval import reports, restore, runner
+from mcckd_jax.models import pretrained
 from mcckd_jax.train.config import TrainConfig
 from mcckd_jax.train.loop import load_run_tokenizer
 
@@ -36,18 +37,20 @@ class EvalSession:
         self.rules = train_config.mesh.rules
         self.mesh = sharding.make_mesh(train_config.mesh.per_host, train_config.mesh.across_hosts)
         self.tokenizer = load_run_tokenizer(train_config)
-        self.layout = ("encoder_decoder" if train_config.student.family == "t5"
-                       or self._checkpoint_type() == "t5" else "decoder_only")
+        self.layout = self._layout()
         self.tokenization = dataclasses.replace(train_config.data.tokenization, layout=self.layout)
         self.data = runner.load_eval_data(eval_config, self.tokenizer, self.tokenization)
 
-    def _checkpoint_type(self) -> str | None:
+    def _layout(self) -> str:
+        """The student's tokenization layout (the checkpoint's model type wins over family)."""
         student = self.train_config.student
         if student.checkpoint is None:
-            return None
-        from mcckd_jax.models import hf_import
-
-        return hf_import.read_hf_config(student.checkpoint, student.gguf_file).get("model_type")
+            encoder_decoder = student.family == "t5"
+        else:
+            model_cls, _ = pretrained.checkpoint_architecture(student.checkpoint,
+                                                              student.gguf_file)
+            encoder_decoder = hasattr(model_cls, "encode")
+        return "encoder_decoder" if encoder_decoder else "decoder_only"
 
     def settings(self) -> dict[str, Any]:
         config = self.eval_config

@@ -23,6 +23,19 @@ MODEL_TYPES = {
 }
 
 
+def checkpoint_architecture(path: str | pathlib.Path, gguf_file: str | None = None,
+                            **config_overrides) -> tuple[type[nnx.Module], Any]:
+    """(model class, model config) that a checkpoint's config.json (or GGUF metadata) describes;
+    no weights are read."""
+    hf_config = hf_import.read_hf_config(path, gguf_file)
+    model_type = hf_config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported "
+                         f"({', '.join(sorted(MODEL_TYPES))})")
+    config_cls, model_cls = MODEL_TYPES[model_type]
+    return model_cls, config_cls.from_hf(hf_config, **config_overrides)
+
+
 def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh,
                     rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
                     gguf_file: str | None = None, **config_overrides) -> nnx.Module:
@@ -33,13 +46,7 @@ def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh,
       config_overrides: fields of the model config to set, e.g. dtype="bfloat16",
         lora=LoRAConfig(...), remat_policy="full".
     """
-    hf_config = hf_import.read_hf_config(path, gguf_file)
-    model_type = hf_config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported "
-                         f"({', '.join(sorted(MODEL_TYPES))})")
-    config_cls, model_cls = MODEL_TYPES[model_type]
-    config = config_cls.from_hf(hf_config, **config_overrides)
+    model_cls, config = checkpoint_architecture(path, gguf_file, **config_overrides)
     with contextlib.ExitStack() as stack:
         tensors = hf_import.checkpoint_tensors(path, stack, gguf_file)
         return hf_import.load_named_tensors(
@@ -77,13 +84,8 @@ def student_factory(config: StudentConfig) -> Callable[[], nnx.Module]:
     """A function creating the student of `config` with random weights (its architecture
     read from the checkpoint's config when there is one; no weights are read)."""
     if config.checkpoint is not None:
-        hf_config = hf_import.read_hf_config(config.checkpoint, config.gguf_file)
-        model_type = hf_config.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"{config.checkpoint}: model_type {model_type!r} is not supported "
-                             f"({', '.join(sorted(MODEL_TYPES))})")
-        config_cls, model_cls = MODEL_TYPES[model_type]
-        architecture = config_cls.from_hf(hf_config, **_numerics(config))
+        model_cls, architecture = checkpoint_architecture(config.checkpoint, config.gguf_file,
+                                                          **_numerics(config))
     else:
         module, config_cls, model_cls = _FAMILIES[config.family]
         preset = getattr(module, config.preset, None)

@@ -60,12 +60,11 @@ def load_run_tokenizer(config: TrainConfig):
         tokenizer_path, data.tokenizer_gguf_file if data.tokenizer else config.student.gguf_file)
 
 
-def load_train_data(config: TrainConfig, layout: str) -> tokenization.EncodedDataset:
+def load_train_data(config: TrainConfig, tokenizer, layout: str) -> tokenization.EncodedDataset:
     """Reads and tokenizes the training files (the same on every process)."""
     data = config.data
     if not data.train_files:
         raise ValueError("data.train_files is empty: give prepared files (mcckd-prepare output)")
-    tokenizer = load_run_tokenizer(config)
     read = records.read_records(data.train_files, skip_bad_records=data.skip_bad_records,
                                 require_rationales=True, task=data.tokenization.task)
     if read.skipped:
@@ -134,7 +133,9 @@ def train(config: TrainConfig) -> list[dict]:
             "devices; change data.pipeline.batch_size or mesh.per_host")
     model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
     layout = "encoder_decoder" if hasattr(model, "encode") else "decoder_only"
-    dataset = pipeline.train_dataset(load_train_data(config, layout), config.data.pipeline)
+    tokenizer = load_run_tokenizer(config)
+    dataset = pipeline.train_dataset(load_train_data(config, tokenizer, layout),
+                                     config.data.pipeline)
     iterator: Iterator = iter(dataset)
 
     run = config.run
@@ -147,7 +148,7 @@ def train(config: TrainConfig) -> list[dict]:
                     "check mesh.rules", 100 * fraction)
     dev = None
     if config.dev_eval.every:
-        dev = DevEvaluator(config.dev_eval, load_run_tokenizer(config),
+        dev = DevEvaluator(config.dev_eval, tokenizer,
                            dataclasses.replace(config.data.tokenization, layout=layout),
                            graphdef=graphdef, mesh=mesh, output_dir=run.output_dir)
     checkpointer = checkpointing.Checkpointer(
