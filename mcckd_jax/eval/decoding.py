@@ -29,7 +29,7 @@ from mcckd_jax.models.t5 import CrossKV, T5Model
 from mcckd_jax.sharding import constrain
 
 _BATCH = ("act_batch", None)
-_CACHE = ("act_batch", None, "act_kv_heads", None)
+_CACHE = ("act_batch", "act_kv_heads", None, None)  # KVCache keys/values [B, K, S, Hd]
 
 
 @dataclasses.dataclass(frozen=True)

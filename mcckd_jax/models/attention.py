@@ -99,19 +99,30 @@ def dot_product_attention(query_BLHHd: jax.Array, key_BSKHd: jax.Array, value_BS
     Returns:
       [B, L, H, Hd] in the query's dtype.
     """
+    return dot_product_attention_head_major(query_BLHHd, key_BSKHd.transpose(0, 2, 1, 3),
+                                           value_BSKHd.transpose(0, 2, 1, 3), mask_BLS,
+                                           scale=scale, bias_HLS=bias_HLS)
+
+
+def dot_product_attention_head_major(query_BLHHd: jax.Array, key_BKSHd: jax.Array,
+                                     value_BKSHd: jax.Array, mask_BLS: jax.Array, *,
+                                     scale: float,
+                                     bias_HLS: jax.Array | None = None) -> jax.Array:
+    """`dot_product_attention` over keys and values in head-major layout [B, K, S, Hd], the
+    KV cache's: read in place, where a decoding step would otherwise transpose the cache of
+    every layer (at B = 16, S = 256 that copy cost a fifth of a SmolLM2 step).
+
+    Returns:
+      [B, L, H, Hd] in the query's dtype.
+    """
     batch, length, num_heads, head_dim = query_BLHHd.shape
-    num_kv_heads = key_BSKHd.shape[2]
+    num_kv_heads = key_BKSHd.shape[1]
     groups = num_heads // num_kv_heads
-    if length == 1:
-        return _single_query_attention(query_BLHHd, key_BSKHd, value_BSKHd, mask_BLS, scale,
-                                       bias_HLS)
     # One batched matmul per key/value head with the G query heads stacked along the rows
     # ([G * L, Hd] x [Hd, S]) keeps the batch dims leading and the matmuls large, which XLA's
     # CPU backend runs about 3x faster than the equivalent five-index einsum.
     query_BKMHd = query_BLHHd.reshape(batch, length, num_kv_heads, groups, head_dim).transpose(
         0, 2, 3, 1, 4).reshape(batch, num_kv_heads, groups * length, head_dim)
-    key_BKSHd = key_BSKHd.transpose(0, 2, 1, 3)
-    value_BKSHd = value_BSKHd.transpose(0, 2, 1, 3)
     bias_BKGLS = None
     if bias_HLS is not None:
         bias = jnp.asarray(bias_HLS, jnp.float32)
@@ -121,33 +132,6 @@ def dot_product_attention(query_BLHHd: jax.Array, key_BSKHd: jax.Array, value_BS
                            float(scale), groups)
     out_BKGLHd = out_BKMHd.reshape(batch, num_kv_heads, groups, length, head_dim)
     return out_BKGLHd.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
-
-
-def _single_query_attention(query_B1HHd, key_BSKHd, value_BSKHd, mask_B1S, scale, bias_HLS):
-    """dot_product_attention for one query per row (a decoding step), reading the keys and
-    values once, in the cache's [B, S, K, Hd] layout.
-
-    The batched-matmul path transposes keys and values to [B, K, S, Hd] first: for a single
-    query that copy of the whole cache, in every layer at every step, cost about a fifth of a
-    SmolLM2 decoding step (B = 16, S = 256: 98 -> 76 ms), while a matmul with G rows gains
-    nothing over a multiply-and-reduce. (A block-diagonal matmul over the cache viewed as
-    [B, S, K * Hd] was faster alone but made XLA copy the cache inside the decoding loop.)
-    """
-    batch, _, num_heads, head_dim = query_B1HHd.shape
-    num_kv_heads = key_BSKHd.shape[2]
-    groups = num_heads // num_kv_heads
-    query_B1KGHd = query_B1HHd.reshape(batch, 1, num_kv_heads, groups, head_dim)
-    scores_BSKG = jnp.sum(key_BSKHd[:, :, :, None, :].astype(jnp.float32)
-                          * query_B1KGHd.astype(jnp.float32), axis=-1) * scale
-    if bias_HLS is not None:
-        bias = jnp.asarray(bias_HLS, jnp.float32)
-        bias_NKGS = bias.reshape(-1, num_kv_heads, groups, bias.shape[-1])
-        scores_BSKG = scores_BSKG + jnp.transpose(bias_NKGS, (0, 3, 1, 2))
-    scores_BSKG = jnp.where(mask_B1S[:, 0, :, None, None], scores_BSKG, jnp.finfo(jnp.float32).min)
-    probs_BSKG = jax.nn.softmax(scores_BSKG, axis=1)
-    out_BKGHd = jnp.sum(probs_BSKG[..., None] * value_BSKHd[:, :, :, None, :].astype(jnp.float32),
-                        axis=1)
-    return out_BKGHd.astype(query_B1HHd.dtype).reshape(batch, 1, num_heads, head_dim)
 
 
 def causal_mask(query_slots_BL: jax.Array, key_slots_BS: jax.Array,

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcckd_jax.models import layers
-from mcckd_jax.models.attention import causal_mask, dot_product_attention
+from mcckd_jax.models.attention import (causal_mask, dot_product_attention,
+                                        dot_product_attention_head_major)
 from mcckd_jax.models.kv_cache import KVCache, write_slots
 from mcckd_jax.models.rope import RopeConfig, apply_rotary, inverse_frequencies, rotary_angles
 from mcckd_jax.sharding import constrain
@@ -189,10 +190,13 @@ class LlamaAttention(nnx.Module):
         value = self.v_proj(x_BLD).reshape(batch, length, self.num_kv_heads, self.head_dim)
         query = constrain(apply_rotary(query, cos, sin), ("act_batch", "act_length", "act_heads", None))
         key = constrain(apply_rotary(key, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
-        if cached_kv is not None:
-            key = write_slots(cached_kv[0], key, cache_start)
-            value = write_slots(cached_kv[1], value, cache_start)
-        out = dot_product_attention(query, key, value, mask_BLS, scale=self.head_dim ** -0.5)
+        scale = self.head_dim ** -0.5
+        if cached_kv is None:
+            out = dot_product_attention(query, key, value, mask_BLS, scale=scale)
+        else:
+            key = write_slots(cached_kv[0], key.transpose(0, 2, 1, 3), cache_start)
+            value = write_slots(cached_kv[1], value.transpose(0, 2, 1, 3), cache_start)
+            out = dot_product_attention_head_major(query, key, value, mask_BLS, scale=scale)
         out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
         return out, ((key, value) if cached_kv is not None else None)
 

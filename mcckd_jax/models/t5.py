@@ -176,8 +176,8 @@ class CrossKV:
     self-attention projections; the encoder output does not change, so they are cached.
     """
 
-    keys: tuple[jax.Array, ...]  # per decoder block [B, L, H, Hd]
-    values: tuple[jax.Array, ...]  # per decoder block [B, L, H, Hd]
+    keys: tuple[jax.Array, ...]  # per decoder block [B, H, L, Hd]
+    values: tuple[jax.Array, ...]  # per decoder block [B, H, L, Hd]
     key_mask: jax.Array  # [B, L] bool, True for real encoder tokens
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mcckd_jax.models import layers
-from mcckd_jax.models.attention import dot_product_attention
+from mcckd_jax.models.attention import dot_product_attention_head_major
 from mcckd_jax.models.kv_cache import write_slots
 from mcckd_jax.sharding import constrain
 
@@ -35,6 +35,7 @@ ACTIVATIONS = {
 }
 
 _HEADS = ("act_batch", "act_length", "act_heads", None)
+_HEAD_MAJOR = ("act_batch", "act_heads", None, None)
 _EMBED = ("act_batch", "act_length", "act_embed")
 
 
@@ -133,18 +134,21 @@ class T5Attention(nnx.Module):
         return constrain(x_BSX.reshape(batch, length, self.num_heads, self.head_dim), _HEADS)
 
     def key_values(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B, S, H, Hd] of the attended sequence."""
-        return self._split_heads(self.k(x_BSD)), self._split_heads(self.v(x_BSD))
+        """Keys and values [B, H, S, Hd] of the attended sequence (head-major, as the KV
+        cache holds them)."""
+        def head_major(x_BSX):
+            return constrain(self._split_heads(x_BSX).transpose(0, 2, 1, 3), _HEAD_MAJOR)
+        return head_major(self.k(x_BSD)), head_major(self.v(x_BSD))
 
-    def __call__(self, x_BTD: jax.Array, keys_BSHHd: jax.Array, values_BSHHd: jax.Array,
+    def __call__(self, x_BTD: jax.Array, keys_BHSHd: jax.Array, values_BHSHd: jax.Array,
                  mask_BTS: jax.Array, bias_HTS: jax.Array | None = None) -> jax.Array:
         """Attention output [B, T, D] of queries from x over the given keys and values."""
         batch, length, _ = x_BTD.shape
         query_BTHHd = self._split_heads(self.q(x_BTD))
         # scale = 1: T5 never divides the logits by sqrt(Hd); its initialiser and pretrained
         # weights already account for it (the q std is (D * Hd) ** -0.5).
-        out_BTHHd = dot_product_attention(query_BTHHd, keys_BSHHd, values_BSHHd, mask_BTS,
-                                          scale=1.0, bias_HLS=bias_HTS)
+        out_BTHHd = dot_product_attention_head_major(query_BTHHd, keys_BHSHd, values_BHSHd,
+                                                     mask_BTS, scale=1.0, bias_HLS=bias_HTS)
         return self.o(out_BTHHd.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -239,7 +243,7 @@ class T5DecoderBlock(nnx.Module):
             T5LayerFF(config, rngs=rngs)])
 
     def cross_key_values(self, encoder_hidden_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """This block's cross-attention keys and values [B, L, H, Hd]."""
+        """This block's cross-attention keys and values [B, H, L, Hd]."""
         return self.layer[1].EncDecAttention.key_values(encoder_hidden_BLD)
 
     def __call__(self, x_BTD, mask_BTS, bias_HTS, cross_kv, cross_mask_BTL, cached_kv=None,
