@@ -166,6 +166,21 @@ def _nucleus_probabilities(logits_V, temperature, top_p):
     return nucleus, np.abs(mass_before - top_p).min()
 
 
+def test_greedy_tokens_equal_numpy_argmax_with_ties_nans_and_infinities():
+    rng = np.random.default_rng(3)
+    logits_BV = rng.standard_normal((8, 1000)).astype(np.float32)
+    logits_BV[1, [10, 20]] = 50.0  # a tie: the first index wins
+    logits_BV[2, [30, 40]] = np.nan  # the first NaN wins, as in argmax
+    logits_BV[2, 5] = np.inf
+    logits_BV[3] = -np.inf  # nothing finite: index 0
+    logits_BV[4, 999] = np.inf
+    logits_BV[5, [0, 999]] = 60.0
+    tokens_B = decoding.greedy_tokens(jnp.asarray(logits_BV))
+    assert tokens_B.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(tokens_B), np.argmax(logits_BV, axis=-1))
+    assert np.asarray(tokens_B)[:6].tolist() == [np.argmax(logits_BV[0]), 10, 30, 0, 999, 0]
+
+
 def test_sampled_first_tokens_follow_the_tempered_nucleus(mesh):
     temperature, top_p, rows = 0.7, 0.8, 8192
     with sharding.activate(mesh):

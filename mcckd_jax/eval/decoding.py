@@ -29,7 +29,7 @@ from mcckd_jax.models.t5 import CrossKV, T5Model
 from mcckd_jax.sharding import constrain
 
 _BATCH = ("act_batch", None)
-_CACHE = ("act_batch", "act_kv_heads", None, None)  # KVCache keys/values [B, K, S, Hd]
+_CACHE = ("act_batch", "act_kv_heads", None, None)  # KVCache keys and values: [B, K, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +66,26 @@ def nucleus_logits(logits_BV: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(logits_BV >= cutoff_B, logits_BV, -jnp.inf)
 
 
+def greedy_tokens(logits_BV: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits_BV, axis=-1)` as int32 [B]: the first index on ties, the first NaN
+    in a row that has one.
+
+    Two plain reductions (a max, then the smallest index that reaches it): XLA's CPU backend
+    runs argmax's variadic (value, index) reduce over SmolLM2's 49,152 logits about 3x slower
+    (B = 16: 2.0 vs 0.5-0.8 ms), which is 3-4% of a decoding step.
+    """
+    vocab_size = logits_BV.shape[-1]
+    nan_BV = jnp.isnan(logits_BV)
+    best_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    hit_BV = jnp.where(jnp.any(nan_BV, axis=-1, keepdims=True), nan_BV, logits_BV == best_B1)
+    vocab_ids_V = jnp.arange(vocab_size, dtype=jnp.int32)
+    return jnp.min(jnp.where(hit_BV, vocab_ids_V, vocab_size), axis=-1)
+
+
 def choose_tokens(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """Next tokens [B] int32: argmax at temperature 0, else a draw from the tempered nucleus."""
     if sampling.temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits_BV)
     scaled_BV = logits_BV.astype(jnp.float32) / sampling.temperature
     if sampling.top_p < 1.0:
         scaled_BV = nucleus_logits(scaled_BV, sampling.top_p)

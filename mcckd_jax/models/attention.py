@@ -99,30 +99,16 @@ def dot_product_attention(query_BLHHd: jax.Array, key_BSKHd: jax.Array, value_BS
     Returns:
       [B, L, H, Hd] in the query's dtype.
     """
-    return dot_product_attention_head_major(query_BLHHd, key_BSKHd.transpose(0, 2, 1, 3),
-                                           value_BSKHd.transpose(0, 2, 1, 3), mask_BLS,
-                                           scale=scale, bias_HLS=bias_HLS)
-
-
-def dot_product_attention_head_major(query_BLHHd: jax.Array, key_BKSHd: jax.Array,
-                                     value_BKSHd: jax.Array, mask_BLS: jax.Array, *,
-                                     scale: float,
-                                     bias_HLS: jax.Array | None = None) -> jax.Array:
-    """`dot_product_attention` over keys and values in head-major layout [B, K, S, Hd], the
-    KV cache's: read in place, where a decoding step would otherwise transpose the cache of
-    every layer (at B = 16, S = 256 that copy cost a fifth of a SmolLM2 step).
-
-    Returns:
-      [B, L, H, Hd] in the query's dtype.
-    """
     batch, length, num_heads, head_dim = query_BLHHd.shape
-    num_kv_heads = key_BKSHd.shape[1]
+    num_kv_heads = key_BSKHd.shape[2]
     groups = num_heads // num_kv_heads
     # One batched matmul per key/value head with the G query heads stacked along the rows
     # ([G * L, Hd] x [Hd, S]) keeps the batch dims leading and the matmuls large, which XLA's
     # CPU backend runs about 3x faster than the equivalent five-index einsum.
     query_BKMHd = query_BLHHd.reshape(batch, length, num_kv_heads, groups, head_dim).transpose(
         0, 2, 3, 1, 4).reshape(batch, num_kv_heads, groups * length, head_dim)
+    key_BKSHd = key_BSKHd.transpose(0, 2, 1, 3)
+    value_BKSHd = value_BSKHd.transpose(0, 2, 1, 3)
     bias_BKGLS = None
     if bias_HLS is not None:
         bias = jnp.asarray(bias_HLS, jnp.float32)
@@ -130,6 +116,43 @@ def dot_product_attention_head_major(query_BLHHd: jax.Array, key_BKSHd: jax.Arra
         bias_BKGLS = bias.reshape(lead, num_kv_heads, groups, length, bias.shape[-1])
     out_BKMHd = _attention(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS,
                            float(scale), groups)
+    out_BKGLHd = out_BKMHd.reshape(batch, num_kv_heads, groups, length, head_dim)
+    return out_BKGLHd.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+
+
+def cached_attention(query_BLHHd: jax.Array, keys_BKHdS: jax.Array, values_BKSHd: jax.Array,
+                     mask_BLS: jax.Array, *, scale: float,
+                     bias_HLS: jax.Array | None = None) -> jax.Array:
+    """`dot_product_attention` over keys and values in the KV cache's layout, read in place.
+
+    For decoding (no custom VJP: nothing is differentiated through a cache). Keys are stored
+    transposed, so that both matmuls of a decoding step, [G, Hd] x [Hd, S] and [G, S] x [S, Hd]
+    per key/value head, read the cache row-major: with keys as [S, Hd] the first one is about
+    1.6x slower on XLA's CPU backend, and with the cache in the projections' [B, S, K, Hd]
+    layout every layer would transpose its whole cache at every step.
+
+    Args:
+      keys_BKHdS: [B, K, Hd, S]; values_BKSHd: [B, K, S, Hd] (`kv_cache.KVCache`).
+      mask_BLS, bias_HLS: as for `dot_product_attention`.
+
+    Returns:
+      [B, L, H, Hd] in the query's dtype.
+    """
+    batch, length, num_heads, head_dim = query_BLHHd.shape
+    num_kv_heads = keys_BKHdS.shape[1]
+    groups = num_heads // num_kv_heads
+    query_BKMHd = query_BLHHd.reshape(batch, length, num_kv_heads, groups, head_dim).transpose(
+        0, 2, 3, 1, 4).reshape(batch, num_kv_heads, groups * length, head_dim)
+    scores_BKMS = jnp.einsum("bkmd,bkds->bkms", query_BKMHd, keys_BKHdS,
+                             preferred_element_type=jnp.float32)
+    scores_BKGLS = scores_BKMS.reshape(batch, num_kv_heads, groups, length, -1) * scale
+    if bias_HLS is not None:
+        bias = jnp.asarray(bias_HLS, jnp.float32)
+        lead = bias.shape[0] if bias.ndim == 4 else 1
+        scores_BKGLS = scores_BKGLS + bias.reshape(lead, num_kv_heads, groups, length, -1)
+    scores_BKGLS = jnp.where(mask_BLS[:, None, None], scores_BKGLS, jnp.finfo(jnp.float32).min)
+    probs_BKMS = jax.nn.softmax(scores_BKGLS, axis=-1).reshape(scores_BKMS.shape)
+    out_BKMHd = jnp.einsum("bkms,bksd->bkmd", probs_BKMS.astype(values_BKSHd.dtype), values_BKSHd)
     out_BKGLHd = out_BKMHd.reshape(batch, num_kv_heads, groups, length, head_dim)
     return out_BKGLHd.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
 

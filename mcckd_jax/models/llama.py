@@ -19,8 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcckd_jax.models import layers
-from mcckd_jax.models.attention import (causal_mask, dot_product_attention,
-                                        dot_product_attention_head_major)
+from mcckd_jax.models.attention import cached_attention, causal_mask, dot_product_attention
 from mcckd_jax.models.kv_cache import KVCache, write_slots
 from mcckd_jax.models.rope import RopeConfig, apply_rotary, inverse_frequencies, rotary_angles
 from mcckd_jax.sharding import constrain
@@ -194,9 +193,8 @@ class LlamaAttention(nnx.Module):
         if cached_kv is None:
             out = dot_product_attention(query, key, value, mask_BLS, scale=scale)
         else:
-            key = write_slots(cached_kv[0], key.transpose(0, 2, 1, 3), cache_start)
-            value = write_slots(cached_kv[1], value.transpose(0, 2, 1, 3), cache_start)
-            out = dot_product_attention_head_major(query, key, value, mask_BLS, scale=scale)
+            key, value = write_slots(cached_kv, key, value, cache_start)
+            out = cached_attention(query, key, value, mask_BLS, scale=scale)
         out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
         return out, ((key, value) if cached_kv is not None else None)
 

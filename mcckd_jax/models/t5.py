@@ -23,7 +23,7 @@ from flax import nnx
 
 from mcckd_jax.models import layers
 from mcckd_jax.models.attention import causal_mask
-from mcckd_jax.models.kv_cache import KVCache
+from mcckd_jax.models.kv_cache import KVCache, to_cache_layout
 from mcckd_jax.models.t5_layers import ACTIVATIONS, T5DecoderBlock, T5EncoderBlock, t5_layer_norm
 from mcckd_jax.sharding import constrain
 
@@ -176,7 +176,7 @@ class CrossKV:
     self-attention projections; the encoder output does not change, so they are cached.
     """
 
-    keys: tuple[jax.Array, ...]  # per decoder block [B, H, L, Hd]
+    keys: tuple[jax.Array, ...]  # per decoder block [B, H, Hd, L] (the KV cache's layout)
     values: tuple[jax.Array, ...]  # per decoder block [B, H, L, Hd]
     key_mask: jax.Array  # [B, L] bool, True for real encoder tokens
 
@@ -244,7 +244,8 @@ class T5Decoder(nnx.Module):
         return self.final_layer_norm(x_BTD)
 
     def cross_kv(self, encoder_hidden_BLD: jax.Array, encoder_valid_BL: jax.Array) -> CrossKV:
-        pairs = [block.cross_key_values(encoder_hidden_BLD) for block in self.block]
+        pairs = [to_cache_layout(*block.cross_key_values(encoder_hidden_BLD))
+                 for block in self.block]
         return CrossKV(keys=tuple(k for k, _ in pairs), values=tuple(v for _, v in pairs),
                        key_mask=encoder_valid_BL.astype(bool))
 

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mcckd_jax.models import layers
-from mcckd_jax.models.attention import dot_product_attention_head_major
+from mcckd_jax.models.attention import cached_attention, dot_product_attention
 from mcckd_jax.models.kv_cache import write_slots
 from mcckd_jax.sharding import constrain
 
@@ -35,7 +35,6 @@ ACTIVATIONS = {
 }
 
 _HEADS = ("act_batch", "act_length", "act_heads", None)
-_HEAD_MAJOR = ("act_batch", "act_heads", None, None)
 _EMBED = ("act_batch", "act_length", "act_embed")
 
 
@@ -134,21 +133,21 @@ class T5Attention(nnx.Module):
         return constrain(x_BSX.reshape(batch, length, self.num_heads, self.head_dim), _HEADS)
 
     def key_values(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B, H, S, Hd] of the attended sequence (head-major, as the KV
-        cache holds them)."""
-        def head_major(x_BSX):
-            return constrain(self._split_heads(x_BSX).transpose(0, 2, 1, 3), _HEAD_MAJOR)
-        return head_major(self.k(x_BSD)), head_major(self.v(x_BSD))
+        """Keys and values [B, S, H, Hd] of the attended sequence."""
+        return self._split_heads(self.k(x_BSD)), self._split_heads(self.v(x_BSD))
 
-    def __call__(self, x_BTD: jax.Array, keys_BHSHd: jax.Array, values_BHSHd: jax.Array,
-                 mask_BTS: jax.Array, bias_HTS: jax.Array | None = None) -> jax.Array:
-        """Attention output [B, T, D] of queries from x over the given keys and values."""
+    def __call__(self, x_BTD: jax.Array, keys: jax.Array, values: jax.Array,
+                 mask_BTS: jax.Array, bias_HTS: jax.Array | None = None, *,
+                 cache_layout: bool = False) -> jax.Array:
+        """Attention output [B, T, D] of queries from x over the given keys and values: both
+        [B, S, H, Hd] (`key_values`), or with cache_layout keys [B, H, Hd, S] and values
+        [B, H, S, Hd] (`kv_cache.KVCache`)."""
         batch, length, _ = x_BTD.shape
         query_BTHHd = self._split_heads(self.q(x_BTD))
+        attend = cached_attention if cache_layout else dot_product_attention
         # scale = 1: T5 never divides the logits by sqrt(Hd); its initialiser and pretrained
         # weights already account for it (the q std is (D * Hd) ** -0.5).
-        out_BTHHd = dot_product_attention_head_major(query_BTHHd, keys_BHSHd, values_BHSHd,
-                                                     mask_BTS, scale=1.0, bias_HLS=bias_HTS)
+        out_BTHHd = attend(query_BTHHd, keys, values, mask_BTS, scale=1.0, bias_HLS=bias_HTS)
         return self.o(out_BTHHd.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -164,9 +163,9 @@ class T5LayerSelfAttention(nnx.Module):
         normed_BTD = self.layer_norm(x_BTD)
         keys, values = self.SelfAttention.key_values(normed_BTD)
         if cached_kv is not None:
-            keys = write_slots(cached_kv[0], keys, cache_start)
-            values = write_slots(cached_kv[1], values, cache_start)
-        out_BTD = self.SelfAttention(normed_BTD, keys, values, mask_BTS, bias_HTS)
+            keys, values = write_slots(cached_kv, keys, values, cache_start)
+        out_BTD = self.SelfAttention(normed_BTD, keys, values, mask_BTS, bias_HTS,
+                                     cache_layout=cached_kv is not None)
         return x_BTD + out_BTD, ((keys, values) if cached_kv is not None else None)
 
 
@@ -176,8 +175,9 @@ class T5LayerCrossAttention(nnx.Module):
         self.EncDecAttention = T5Attention(config, rngs=rngs)
         self.layer_norm = t5_layer_norm(config)
 
-    def __call__(self, x_BTD, cross_kv, mask_BTL):
-        return x_BTD + self.EncDecAttention(self.layer_norm(x_BTD), *cross_kv, mask_BTL)
+    def __call__(self, x_BTD, cross_kv, mask_BTL, *, cache_layout: bool = False):
+        return x_BTD + self.EncDecAttention(self.layer_norm(x_BTD), *cross_kv, mask_BTL,
+                                            cache_layout=cache_layout)
 
 
 class T5DenseGatedActDense(nnx.Module):
@@ -243,12 +243,16 @@ class T5DecoderBlock(nnx.Module):
             T5LayerFF(config, rngs=rngs)])
 
     def cross_key_values(self, encoder_hidden_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """This block's cross-attention keys and values [B, H, L, Hd]."""
+        """This block's cross-attention keys and values [B, L, H, Hd]."""
         return self.layer[1].EncDecAttention.key_values(encoder_hidden_BLD)
 
     def __call__(self, x_BTD, mask_BTS, bias_HTS, cross_kv, cross_mask_BTL, cached_kv=None,
                  cache_start=None):
-        """Output [B, T, D] and, with a cache, the updated self-attention (keys, values)."""
+        """Output [B, T, D] and, with a cache, the updated self-attention (keys, values).
+
+        cross_kv: `cross_key_values`, or with a cache (decoding) a block's keys and values of
+        `t5.CrossKV`, in the cache layout.
+        """
         x_BTD, new_kv = self.layer[0](x_BTD, mask_BTS, bias_HTS, cached_kv, cache_start)
-        x_BTD = self.layer[1](x_BTD, cross_kv, cross_mask_BTL)
+        x_BTD = self.layer[1](x_BTD, cross_kv, cross_mask_BTL, cache_layout=cached_kv is not None)
         return constrain(self.layer[2](x_BTD), _EMBED), new_kv
