@@ -77,6 +77,29 @@ def test_load_pretrained_reads_every_layout(layout, hf_model, mesh, batch, tmp_p
     assert_matches_hf(model, hf_model, mesh, batch)
 
 
+def test_fresh_lora_adapters_follow_init_seed_and_the_base_weights_do_not(hf_model, mesh,
+                                                                          tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    lora = layers.LoRAConfig(rank=2, target_modules=("q_proj",))
+
+    def student(seed):
+        config = pretrained.StudentConfig(checkpoint=str(tmp_path), lora=lora, init_seed=seed)
+        model = pretrained.build_student(config, mesh=mesh)
+        q_proj = model.layers[0].self_attn.q_proj
+        return (np.asarray(q_proj.kernel[...]), np.asarray(q_proj.lora_a[...]),
+                np.asarray(q_proj.lora_b[...]))
+
+    kernel_1, a_1, b_1 = student(1)
+    kernel_1_again, a_1_again, _ = student(1)
+    kernel_2, a_2, b_2 = student(2)
+    expected_kernel = hf_model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T
+    for kernel in (kernel_1, kernel_2):
+        np.testing.assert_array_equal(kernel, expected_kernel)
+    np.testing.assert_array_equal(a_1, a_1_again)
+    assert np.abs(a_1 - a_2).max() > 1e-3  # a different seed, different adapters
+    assert not b_1.any() and not b_2.any()  # B starts at zero: the update starts at zero
+
+
 def test_export_then_transformers_and_reimport_give_identical_logits(hf_model, mesh, batch,
                                                                      tmp_path):
     model = ref.load_into_ours(hf_model, mesh)

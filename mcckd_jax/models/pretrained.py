@@ -38,11 +38,14 @@ def checkpoint_architecture(path: str | pathlib.Path, gguf_file: str | None = No
 
 def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh,
                     rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
-                    gguf_file: str | None = None, **config_overrides) -> nnx.Module:
+                    gguf_file: str | None = None, init_seed: int = 0,
+                    **config_overrides) -> nnx.Module:
     """A sharded student from a checkpoint directory (safetensors, sharded safetensors,
     pytorch_model.bin) or a GGUF file (dequantized by transformers).
 
     Args:
+      init_seed: seed of what the checkpoint does not hold: fresh LoRA adapters (and the
+        dropout stream).
       config_overrides: fields of the model config to set, e.g. dtype="bfloat16",
         lora=LoRAConfig(...), remat_policy="full".
     """
@@ -50,7 +53,7 @@ def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh,
     with contextlib.ExitStack() as stack:
         tensors = hf_import.checkpoint_tensors(path, stack, gguf_file)
         return hf_import.load_named_tensors(
-            lambda: model_cls(config, rngs=nnx.Rngs(0)), tensors, mesh=mesh, rules=rules,
+            lambda: model_cls(config, rngs=nnx.Rngs(init_seed)), tensors, mesh=mesh, rules=rules,
             hf_prefix=model_cls.HF_PREFIX, hf_unprefixed=model_cls.HF_UNPREFIXED,
             ignored_names=lambda name: model_cls.hf_ignored(config, name))
 
@@ -101,7 +104,8 @@ def build_student(config: StudentConfig, *, mesh: jax.sharding.Mesh,
     """The student of `config`, created sharded on `mesh`."""
     if config.checkpoint is not None:
         return load_pretrained(config.checkpoint, mesh=mesh, rules=rules,
-                               gguf_file=config.gguf_file, **_numerics(config))
+                               gguf_file=config.gguf_file, init_seed=config.init_seed,
+                               **_numerics(config))
     factory = student_factory(config)
     with sharding.activate(mesh, rules):
         return factory()
