@@ -29,7 +29,7 @@ import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), os.path.dirname(os.path.abspath(__file__))]
-from model_step import SMOLLM2  # noqa: E402
+from model_step import SMOLLM2, matmul_params  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
-    params = LAYERS * (2 * WIDTH * WIDTH + 2 * WIDTH * KV_WIDTH + 3 * WIDTH * INNER) + WIDTH * VOCAB
+    params = matmul_params(SMOLLM2)
     for dtype, upcast in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
         layers, embedding = step_weights(rng, dtype)
         x = jnp.asarray(rng.standard_normal((batch, WIDTH), np.float32),

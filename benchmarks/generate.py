@@ -30,7 +30,7 @@ import numpy as np
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # This checkout's package, not whichever one is installed in the environment.
 sys.path[:0] = [str(REPO_ROOT), os.path.dirname(os.path.abspath(__file__))]
-from model_step import SMOLLM2  # noqa: E402
+from model_step import SMOLLM2, matmul_params  # noqa: E402
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"  # data.tokenization.DEFAULT_PROMPT_TEMPLATE
 PAD_ID = 2  # SmolLM2's pad (= EOS) token
 BUCKET = 32  # our prompt lengths are rounded up to a multiple of this
@@ -40,13 +40,10 @@ def decode_bytes_per_step(batch: int, cache_slots: int) -> float:
     """Bytes one decoding step must read: every weight once, plus the keys and values of
     every layer's cache (float32). Times the steps over the whole call (prefill included) it
     gives the `decode_gb_per_s` column, a lower bound on the decoding loop's bandwidth."""
-    width, inner = SMOLLM2["hidden_size"], SMOLLM2["intermediate_size"]
-    layers = SMOLLM2["num_hidden_layers"]
-    head_dim = width // SMOLLM2["num_attention_heads"]
-    kv_width = SMOLLM2["num_key_value_heads"] * head_dim
-    params = layers * (2 * width * width + 2 * width * kv_width + 3 * width * inner) \
-        + width * SMOLLM2["vocab_size"]
-    return 4 * (params + layers * 2 * batch * cache_slots * kv_width)
+    kv_width = SMOLLM2["num_key_value_heads"] * (SMOLLM2["hidden_size"]
+                                                 // SMOLLM2["num_attention_heads"])
+    cache = SMOLLM2["num_hidden_layers"] * 2 * batch * cache_slots * kv_width
+    return 4 * (matmul_params(SMOLLM2) + cache)
 
 
 def encode_prompts(shared: pathlib.Path, batch: int) -> tuple[np.ndarray, np.ndarray]:

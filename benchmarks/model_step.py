@@ -27,13 +27,17 @@ import numpy as np
 # but both frameworks compute the full square, so it is counted).
 
 
-def model_flops_per_token(config: dict, length: int) -> float:
+def matmul_params(config: dict) -> int:
+    """Weights a token is multiplied by: every layer's projections and the vocabulary head."""
     width, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    head_dim = width // config["num_attention_heads"]
-    kv_width = config["num_key_value_heads"] * head_dim
+    kv_width = config["num_key_value_heads"] * (width // config["num_attention_heads"])
     per_layer = 2 * width * width + 2 * width * kv_width + 3 * width * inner
-    matmul_params = layers * per_layer + width * config["vocab_size"]
-    return 6 * matmul_params + 12 * layers * length * width
+    return layers * per_layer + width * config["vocab_size"]
+
+
+def model_flops_per_token(config: dict, length: int) -> float:
+    width, layers = config["hidden_size"], config["num_hidden_layers"]
+    return 6 * matmul_params(config) + 12 * layers * length * width
 
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -37,20 +37,10 @@ class EvalSession:
         self.rules = train_config.mesh.rules
         self.mesh = sharding.make_mesh(train_config.mesh.per_host, train_config.mesh.across_hosts)
         self.tokenizer = load_run_tokenizer(train_config)
-        self.layout = self._layout()
+        self.layout = pretrained.tokenization_layout(
+            pretrained.student_architecture(train_config.student)[0])
         self.tokenization = dataclasses.replace(train_config.data.tokenization, layout=self.layout)
         self.data = runner.load_eval_data(eval_config, self.tokenizer, self.tokenization)
-
-    def _layout(self) -> str:
-        """The student's tokenization layout (the checkpoint's model type wins over family)."""
-        student = self.train_config.student
-        if student.checkpoint is None:
-            encoder_decoder = student.family == "t5"
-        else:
-            model_cls, _ = pretrained.checkpoint_architecture(student.checkpoint,
-                                                              student.gguf_file)
-            encoder_decoder = hasattr(model_cls, "encode")
-        return "encoder_decoder" if encoder_decoder else "decoder_only"
 
     def settings(self) -> dict[str, Any]:
         config = self.eval_config

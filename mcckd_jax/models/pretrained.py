@@ -83,19 +83,27 @@ def _numerics(config: StudentConfig) -> dict[str, Any]:
                 remat_policy=config.remat_policy, lora=config.lora)
 
 
-def student_factory(config: StudentConfig) -> Callable[[], nnx.Module]:
-    """A function creating the student of `config` with random weights (its architecture
-    read from the checkpoint's config when there is one; no weights are read)."""
+def student_architecture(config: StudentConfig) -> tuple[type[nnx.Module], Any]:
+    """(model class, model config) of the student of `config`: read from the checkpoint's
+    config when there is one, else the family's preset with `architecture` set on it."""
     if config.checkpoint is not None:
-        model_cls, architecture = checkpoint_architecture(config.checkpoint, config.gguf_file,
-                                                          **_numerics(config))
-    else:
-        module, config_cls, model_cls = _FAMILIES[config.family]
-        preset = getattr(module, config.preset, None)
-        if preset is None or not callable(preset):
-            raise ValueError(f"{config.family} has no preset {config.preset!r}")
-        architecture = config_cls.from_hf({**preset().to_hf(), **config.architecture},
-                                          **_numerics(config))
+        return checkpoint_architecture(config.checkpoint, config.gguf_file, **_numerics(config))
+    module, config_cls, model_cls = _FAMILIES[config.family]
+    preset = getattr(module, config.preset, None)
+    if preset is None or not callable(preset):
+        raise ValueError(f"{config.family} has no preset {config.preset!r}")
+    return model_cls, config_cls.from_hf({**preset().to_hf(), **config.architecture},
+                                         **_numerics(config))
+
+
+def tokenization_layout(model_cls: type[nnx.Module]) -> str:
+    """The data layout a student class reads: "encoder_decoder" (T5) or "decoder_only"."""
+    return "encoder_decoder" if hasattr(model_cls, "encode") else "decoder_only"
+
+
+def student_factory(config: StudentConfig) -> Callable[[], nnx.Module]:
+    """A function creating the student of `config` with random weights (no weights are read)."""
+    model_cls, architecture = student_architecture(config)
     return lambda: model_cls(architecture, rngs=nnx.Rngs(config.init_seed))
 
 

@@ -132,7 +132,7 @@ def train(config: TrainConfig) -> list[dict]:
             f"split over the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} "
             "devices; change data.pipeline.batch_size or mesh.per_host")
     model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
-    layout = "encoder_decoder" if hasattr(model, "encode") else "decoder_only"
+    layout = pretrained.tokenization_layout(type(model))
     tokenizer = load_run_tokenizer(config)
     dataset = pipeline.train_dataset(load_train_data(config, tokenizer, layout),
                                      config.data.pipeline)
