@@ -10,13 +10,14 @@ import dataclasses
 import difflib
 import os
 import pathlib
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import yaml
+
+from mcckd_jax import files
 
 T = TypeVar("T")
 
@@ -136,12 +137,32 @@ def apply_overrides(config: T, overrides: Sequence[str]) -> T:
                 if part not in {f.name for f in dataclasses.fields(cls)}:
                     raise _unknown_key(cls, part, prefix)
             if depth == len(parts) - 1:
-                node[part] = yaml.safe_load(raw)
+                try:
+                    node[part] = yaml.safe_load(raw)
+                except yaml.YAMLError as error:
+                    raise ConfigError(f"override {override!r}: {key}: not valid YAML "
+                                      f"{_yaml_problem(error, lines=False)}") from None
             else:
                 cls = dict if cls is dict else _section_of(typing.get_type_hints(cls)[part])
                 node[part] = node.get(part) if isinstance(node.get(part), dict) else {}
                 node = node[part]
     return from_dict(type(config), data)
+
+
+def _yaml_problem(error: yaml.YAMLError, lines: bool) -> str:
+    """Where (1-based; the column alone for a one-line value) and what, on one line.
+
+    PyYAML's own message spans several lines and quotes the input with a caret under it.
+    """
+    what = ", ".join(part for part in (getattr(error, "context", None),
+                                       getattr(error, "problem", None)) if part)
+    what = " ".join((what or str(error)).split())
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return f"({what})"
+    where = f"line {mark.line + 1} column {mark.column + 1}" if lines else (
+        f"column {mark.column + 1}")
+    return f"at {where}: {what}"
 
 
 def _section_of(kind):
@@ -161,7 +182,8 @@ def load(cls: type[T], path: str | os.PathLike | None, overrides: Sequence[str] 
         try:
             data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+            raise ConfigError(f"{path}: not valid YAML {_yaml_problem(error, lines=True)}"
+                              ) from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
@@ -172,10 +194,5 @@ def load(cls: type[T], path: str | os.PathLike | None, overrides: Sequence[str] 
 
 
 def save(config, path: str | os.PathLike) -> None:
-    """Writes the resolved config as YAML, atomically (temp file, then rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     delete=False) as handle:
-        yaml.safe_dump(to_dict(config), handle, sort_keys=False)
-    os.replace(handle.name, path)
+    """Writes the resolved config as YAML, atomically (`files.write_atomically`)."""
+    files.write_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))

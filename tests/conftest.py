@@ -12,11 +12,27 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# No test may reach the network: connections and name lookups outside loopback are refused in
+# this process and, through tests/network_guard/sitecustomize.py on PYTHONPATH, in every Python
+# subprocess a test starts; each attempt is logged and fails the test that made it.
+_GUARD_DIR = pathlib.Path(__file__).resolve().parent / "network_guard"
+sys.path.insert(0, str(_GUARD_DIR))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(_GUARD_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+os.environ["MCCKD_BLOCK_NETWORK"] = "1"
+if "MCCKD_NETWORK_LOG" not in os.environ:
+    os.environ["MCCKD_NETWORK_LOG"] = tempfile.mkstemp(prefix="mcckd-network-", suffix=".log")[1]
+import mcckd_network_guard  # noqa: E402
+
+mcckd_network_guard.install()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Compilation dominates test time on CPU; a persistent cache makes reruns cheap.
 jax.config.update("jax_compilation_cache_dir",
@@ -40,3 +56,17 @@ def shared_data() -> pathlib.Path:
             pytest.fail(f"{reason}; MCCKD_REQUIRE_SHARED=1 makes this an error")
         pytest.skip(reason)
     return data
+
+
+@pytest.fixture(autouse=True)
+def no_network_access():
+    """Fails the test when it (or a process it started) tried to reach beyond loopback, even
+    if the code under test caught the refusal."""
+    log = pathlib.Path(os.environ["MCCKD_NETWORK_LOG"])
+    before = log.stat().st_size if log.exists() else 0
+    yield
+    if log.exists() and log.stat().st_size > before:
+        with log.open(encoding="utf-8") as handle:
+            handle.seek(before)
+            attempts = handle.read().strip()
+        pytest.fail(f"network access attempted outside loopback:\n{attempts}")

@@ -1,7 +1,9 @@
 """Typed YAML configs with dotted overrides."""
 
 import dataclasses
+import os
 import pathlib
+import stat
 from typing import Literal
 
 import pytest
@@ -63,6 +65,19 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("lora.targets=[q_proj", r"override 'lora.targets=\[q_proj': lora.targets: not valid YAML "
+     r"at column 8: while parsing a flow sequence, expected ',' or '\]'"),
+    ("output_dir=!!python/object:os.system ls", r"output_dir: not valid YAML at column 1: could "
+     r"not determine a constructor for the tag 'tag:yaml.org,2002:python/object:os.system'"),
+    ("optim.schedule='cosine", r"optim.schedule: not valid YAML .*unexpected end of stream"),
+])
+def test_overrides_that_are_not_yaml_name_the_override_and_key(override, message):
+    with pytest.raises(cfg.ConfigError, match=message) as error:
+        cfg.load(Experiment, None, [override])
+    assert "\n" not in str(error.value)
+
+
 def test_bad_files_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  momentum: 0.9\n")
@@ -73,11 +88,35 @@ def test_bad_files_name_the_file(tmp_path):
         cfg.load(Experiment, path)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("steps: 3\nmesh: [1\n", r"bad.yaml: not valid YAML at line 3 column 1: while parsing a "
+     r"flow sequence, expected ',' or '\]', but got '<stream end>'$"),
+    ("steps: 3\noutput_dir: !!python/object/apply:os.system ['ls']\n",
+     r"bad.yaml: not valid YAML at line 2 column 13: could not determine a constructor for the "
+     r"tag 'tag:yaml.org,2002:python/object/apply:os.system'$"),
+])
+def test_invalid_yaml_files_give_the_position_on_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=message) as error:
+        cfg.load(Experiment, path)
+    assert "\n" not in str(error.value)
+
+
 def test_saved_config_loads_back_identically(tmp_path):
     config = cfg.load(Experiment, None, ["lora.rank=16", "optim.learning_rate=0.5"])
     cfg.save(config, tmp_path / "resolved.yaml")
     assert cfg.load(Experiment, tmp_path / "resolved.yaml") == config
     assert [p.name for p in tmp_path.iterdir()] == ["resolved.yaml"]
+
+
+def test_saved_config_follows_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        cfg.save(cfg.load(Experiment, None), tmp_path / "runs" / "resolved.yaml")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "runs" / "resolved.yaml").stat().st_mode) == 0o640
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

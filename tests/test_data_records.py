@@ -123,3 +123,51 @@ def test_file_level_problems(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(RecordError, match="unknown format"):
         read_records(tmp_path / "notes.txt")
+
+
+def test_jsonl_that_is_not_utf8_names_the_line_and_byte(shared_data, tmp_path):
+    # Real GSM8K rows, one re-saved as Windows-1252: its ’ becomes the lone byte 0x92.
+    rows = [json.loads(line) for line in
+            (shared_data / "gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+    lines = [json.dumps(row, ensure_ascii=False).encode("utf-8") for row in rows]
+    lines[0] = json.dumps(rows[0], ensure_ascii=False).encode("cp1252")
+    position = lines[0].index(b"\x92")
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\n".join([lines[1], *lines]) + b"\n")  # the bad row is line 2
+    with pytest.raises(RecordError) as raised:
+        read_records(path)
+    assert str(raised.value) == (f"{path}, record 1: not valid UTF-8: byte 0x92 on line 2 at "
+                                 f"byte {position + 1}")
+    assert raised.value.index == 1
+    read = read_records(path, skip_bad_records=True)
+    assert [r.uid for r in read.records] == ["windows.jsonl:0", "windows.jsonl:2",
+                                             "windows.jsonl:3"]
+    assert read.records[1].question == rows[1]["question"] and len(read.skipped) == 1
+
+
+def test_jsonl_with_windows_line_endings_reads_like_unix(shared_data, tmp_path):
+    text = "".join((shared_data / "gsm8k/test.jsonl").read_text().splitlines(True)[:4])
+    (tmp_path / "unix.jsonl").write_bytes(text.encode("utf-8"))
+    (tmp_path / "crlf.jsonl").write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    unix = read_records(tmp_path / "unix.jsonl").records
+    crlf = read_records(tmp_path / "crlf.jsonl").records
+    assert len(unix) == 4
+    assert [(r.question, r.label, r.rationales) for r in crlf] == \
+        [(r.question, r.label, r.rationales) for r in unix]
+
+
+def test_json_that_is_not_utf8_names_the_line_and_column(shared_data, tmp_path):
+    rows = json.loads((shared_data / "mcckd_format/SVAMP/train_multicot_sample.json").read_text())
+    rows[2]["instruction"] = "At the café: " + rows[2]["instruction"]
+    # ASCII throughout (other characters escaped) except the é, written as Latin-1 below.
+    text = json.dumps(rows[:5], indent=1).replace("caf\\u00e9", "café")
+    offset = text.index("é")  # the text before it is ASCII: characters are bytes
+    line, column = text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
+    path = tmp_path / "latin1.json"
+    path.write_bytes(text.encode("latin-1"))
+    for skip in (False, True):  # one JSON list: the whole file is unreadable
+        with pytest.raises(RecordError) as raised:
+            read_records(path, skip_bad_records=skip)
+        assert str(raised.value) == (f"{path}: not valid UTF-8: byte 0xe9 at line {line} "
+                                     f"column {column} (byte offset {offset})")
+        assert raised.value.index is None

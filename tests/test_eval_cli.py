@@ -7,6 +7,7 @@ evaluation), the test's sentencepiece tokenizer and the tiny LLaMA of configs/ti
 
 import json
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,8 @@ import pytest
 
 from mcckd_jax.data import records
 from mcckd_jax.eval import scoring
-from test_train_loop import command, environment, finish, inputs, wait_for  # noqa: F401
+from test_train_loop import (command, environment, finish, flip_bytes, inputs,  # noqa: F401
+                             wait_for)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUESTIONS = 12
@@ -92,9 +94,13 @@ def test_a_checkpoint_is_evaluated_by_a_separate_process(trained_run, svamp):
 def test_the_initial_student_is_step_zero(inputs, svamp, tmp_path):  # noqa: F811
     data, tokenizer = inputs
     _, test = svamp
-    run(eval_command(REPO_ROOT / "configs" / "tiny.yaml", f"data.tokenizer={tokenizer}",
-                     "student.architecture.vocab_size=1000", f"run.output_dir={tmp_path}",
-                     "--test", str(test)))
+    output = run(eval_command(REPO_ROOT / "configs" / "tiny.yaml", f"data.tokenizer={tokenizer}",
+                              "student.architecture.vocab_size=1000", f"run.output_dir={tmp_path}",
+                              "--test", str(test), "--log_level", "INFO"))
+    # The INFO line of each dataset's result reaches stderr (absl's root handler, installed
+    # when Orbax is imported, once swallowed every line below WARNING).
+    assert " INFO mcckd_jax.eval.session: step 0 test (test): accuracy " in output
+    assert " INFO absl" not in output  # Orbax's own chatter stays out at INFO
     metrics = json.loads((tmp_path / "eval" / "step_0" / "metrics.json").read_text())
     assert metrics["settings"]["source"] == "initial student: random init (seed 0)"
     check_predictions(tmp_path / "eval" / "step_0" / "test", test, metrics["datasets"]["test"])
@@ -132,8 +138,44 @@ def test_watch_exits_cleanly_on_sigterm(trained_run, svamp):
                                stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: (trained_run / "eval_watch" / "step_4" / "metrics.json").exists(), watcher)
     watcher.send_signal(signal.SIGTERM)
-    output = finish(watcher, timeout=60)
+    output, _ = watcher.communicate(timeout=60)
+    # Stopped, not finished: the status a shell gives a process that SIGTERM ended.
+    assert watcher.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "received signal" in output
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_named_in_one_line_and_latest_falls_back(trained_run, svamp,
+                                                                         tmp_path):
+    _, test = svamp
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("eval*"))
+    flip_bytes(run_dir / "checkpoints" / "4" / "optimizer")
+    explicit = subprocess.run(eval_command(run_dir, "--test", str(test), "--step", "4"),
+                              env=environment(), capture_output=True, text=True, timeout=300)
+    assert explicit.returncode == 1, explicit.stderr[-3000:]
+    [line] = [line for line in explicit.stderr.splitlines() if line.startswith("mcckd-eval:")]
+    assert "checkpoint 4 in" in line and "is damaged: optimizer/" in line
+    assert "Traceback" not in explicit.stderr and not (run_dir / "eval" / "step_4").exists()
+    output = run(eval_command(run_dir, "--test", str(test)))
+    [line] = [line for line in output.splitlines() if "is damaged" in line]
+    assert "checkpoint 4 in" in line and "evaluating checkpoint 2" in line
+    assert (run_dir / "eval" / "step_2" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_watch_names_the_checkpoints_deleted_before_it_read_them(trained_run, svamp, tmp_path):
+    _, test = svamp
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("eval*"))
+    shutil.rmtree(run_dir / "checkpoints" / "2")  # as the trainer's keep policy would
+    output = run(eval_command(run_dir, "run.steps=4", "--test", str(test), "--watch",
+                              "--poll_seconds", "0.5"))
+    [line] = [line for line in output.splitlines() if "deleted before" in line]
+    assert "checkpoint 2 was deleted" in line and "run.keep_checkpoints=3" in line
+    steps = [json.loads(row)["step"]
+             for row in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4]
 
 
 def test_bad_arguments_give_one_line_errors(tmp_path):
@@ -145,6 +187,31 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
         eval_command(REPO_ROOT / "configs" / "tiny.yaml", "--test", "x.json", "--num_samples", "3"),
         env=environment(), capture_output=True, text=True, timeout=120)
     assert greedy_vote.returncode == 2 and "temperature" in greedy_vote.stderr
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("mcckd-eval:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def test_an_unwritable_output_dir_and_a_foreign_tokenizer_are_one_line_errors(  # noqa: F811
+        inputs, svamp, tmp_path):
+    _, tokenizer = inputs
+    _, test = svamp
+    config = [REPO_ROOT / "configs" / "tiny.yaml", f"data.tokenizer={tokenizer}",
+              f"run.output_dir={tmp_path}", "--test", str(test)]
+    (tmp_path / "a_file").write_text("")
+    unwritable = subprocess.run(
+        eval_command(*config, "student.architecture.vocab_size=1000",
+                     "--output_dir", str(tmp_path / "a_file" / "eval")),
+        env=environment(), capture_output=True, text=True, timeout=120)
+    assert "--output_dir is not a writable folder" in one_line_error(unwritable)
+    # The test tokenizer has 1,000 tokens; a 600-entry student cannot read its ids.
+    foreign = subprocess.run(eval_command(*config, "student.architecture.vocab_size=600"),
+                             env=environment(), capture_output=True, text=True, timeout=120)
+    assert "the student's vocabulary has 600 entries" in one_line_error(foreign)
 
 
 @pytest.mark.slow

@@ -47,7 +47,9 @@ def command(inputs, output_dir, *extra):
 def environment(devices=8, **extra):
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("MCCKD_NUM_PROC")}
     return {**inherited, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT), **extra}
+            "JAX_PLATFORMS": "cpu",  # the repository before conftest's network guard
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+            **extra}
 
 
 def start(inputs, output_dir, *extra, env=None):
@@ -92,7 +94,8 @@ def test_sigterm_saves_and_the_restart_continues_with_identical_losses(inputs, u
     process = start(inputs, tmp_path)
     wait_for(lambda: len(losses_if_any(tmp_path)) >= 3, process)
     process.send_signal(signal.SIGTERM)
-    output = finish(process)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]  # stopped, not finished
     assert "stopped at step" in output
     stopped = max(losses(tmp_path))
     assert stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
@@ -114,18 +117,40 @@ def test_kill_9_after_a_checkpoint_resumes_with_identical_losses(inputs, uninter
     assert losses(tmp_path) == expected
 
 
+def flip_bytes(item_dir: pathlib.Path) -> pathlib.Path:
+    """XORs 400 bytes in the middle of the largest file under `item_dir` (a bad disk or a torn
+    copy: the file keeps its size); returns the file."""
+    target = max((p for p in item_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    for i in range(max(0, middle - 200), min(len(data), middle + 200)):
+        data[i] ^= 0x5A
+    target.write_bytes(bytes(data))
+    return target
+
+
+def metrics_steps(output_dir) -> list[int]:
+    lines = (pathlib.Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
 @pytest.mark.slow
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(inputs, uninterrupted,
-                                                                    tmp_path):
+@pytest.mark.parametrize("item", ["params", "optimizer", "data"])
+def test_a_checkpoint_with_flipped_bytes_is_set_aside_and_training_resumes_from_the_previous_one(
+        inputs, uninterrupted, tmp_path, item):
     source, expected = uninterrupted
     subprocess.run(["cp", "-r", str(source) + "/.", str(tmp_path)], check=True)
-    for file in (tmp_path / "checkpoints" / str(STEPS) / "params").rglob("*"):
-        if file.is_file():
-            file.write_bytes(b"damaged")
+    damaged = flip_bytes(tmp_path / "checkpoints" / str(STEPS) / item)
     output = finish(start(inputs, tmp_path))
-    assert f"checkpoint {STEPS} in" in output and "falling back to the previous one" in output
-    assert f"resumed from checkpoint {STEPS - 2}" in output
+    [line] = [line for line in output.splitlines() if "is damaged" in line]
+    assert f"checkpoint {STEPS} in" in line and f"resuming from checkpoint {STEPS - 2}" in line
+    assert str(damaged.relative_to(tmp_path / "checkpoints" / str(STEPS))) in line
+    assert "differs from its digest" in line
     assert losses(tmp_path) == expected
+    # The replayed steps replace their first records: one line per step.
+    assert metrics_steps(tmp_path) == list(range(1, STEPS + 1))
+    assert [p.name.split("-")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == [
+        str(STEPS)]
 
 
 @pytest.mark.slow
@@ -181,3 +206,20 @@ def test_the_t5_student_trains_through_the_same_command(inputs, tmp_path):
     assert sorted(result) == [1, 2, 3]
     # T5's initialisation (unit-variance embeddings) starts far above ln(vocab); it must fall.
     assert all(map(math.isfinite, result.values())) and result[3] < result[1]
+
+
+def test_length_drops_are_a_warning_with_counts_below_the_limit_and_an_error_above(caplog):
+    from mcckd_jax.train import loop
+    from mcckd_jax.train.config import DataConfig
+
+    report = {"questions_in": 100, "rationales_in": 400,
+              "length_drops": {"questions": 5, "rationales": 80}}  # 5% and 20%
+    with caplog.at_level("WARNING", logger="mcckd_jax.train.loop"):
+        loop._check_length_drops(report, DataConfig())
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "drop 5 of 100 questions (5%) and 80 of 400 rationales (20%)" in warning
+    report["length_drops"]["rationales"] = 81
+    with pytest.raises(ValueError, match=r"81 of 400 rationales \(20%\), more than "
+                                         r"data.max_length_drop_fraction=0.2"):
+        loop._check_length_drops(report, DataConfig())
+    loop._check_length_drops(report, DataConfig(max_length_drop_fraction=0.25))  # allowed

@@ -15,6 +15,8 @@ import sys
 import time
 
 from mcckd_jax import config as config_lib
+from mcckd_jax import files
+from mcckd_jax.cli import process
 
 log = logging.getLogger("mcckd-eval")
 
@@ -61,15 +63,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Stop:
-    """Set by SIGTERM/SIGINT; evaluation stops between batches and writes nothing partial."""
+    """Set by SIGTERM/SIGINT; evaluation stops between batches and writes nothing partial.
+    The process then exits with 128 + the signal's number, as a shell reports a process the
+    signal ended: a scheduler must not take a stopped evaluation for a finished one."""
 
     def __init__(self):
-        self.requested = False
+        self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __call__(self, signum, frame):
         del frame
         log.warning("received signal %d: stopping", signum)
-        self.requested = True
+        self.signal = signum
 
     def sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -79,8 +87,12 @@ class _Stop:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may follow the flags
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.go_offline()
+    try:
+        process.setup_logging(args.log_level)
+    except ValueError as error:
+        print(f"mcckd-eval: {error}", file=sys.stderr)
+        return 2
     datasets = tuple(args.dev + args.test)
     if not datasets:
         print("mcckd-eval: give at least one --dev or --test file", file=sys.stderr)
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        files.check_writable_directory(output_dir, "--output_dir")
         session = EvalSession(train_config, eval_config, output_dir=output_dir,
                               run_dir=source if is_run else None, should_stop=lambda: stop.requested)
         if args.watch:
@@ -128,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             session.evaluate_checkpoint(args.step)
         else:
             session.evaluate_initial()
-    except (RecordError, CheckpointError, FileNotFoundError, ValueError) as error:
-        print(f"mcckd-eval: {error}", file=sys.stderr)
+    except (RecordError, CheckpointError, ValueError, OSError) as error:
+        print(f"mcckd-eval: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return 0 if stop.signal is None else 128 + stop.signal
 
 
 if __name__ == "__main__":

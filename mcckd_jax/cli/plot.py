@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mcckd_jax.data.prepare import write_atomically
+from mcckd_jax.files import write_atomically
 
 TRAIN_PANELS = (("loss", "loss"), ("ce", "cross-entropy"), ("kl", "consistency KL"))
 FIGURE_INCHES = (10.0, 7.5)

@@ -2,10 +2,13 @@
 
     mcckd-prepare train_multicot.json --task svamp --num_rationales 4 --output svamp.jsonl
 
-Bad input (malformed JSON, missing or mistyped fields, empty rationale lists, labels that are
-not answers of the task, an unknown task) ends the run with one line on stderr naming the file,
-the record and the field, exit status 2, and nothing written. With --skip_bad_records such
-records are skipped and counted in the report.
+Bad input (malformed JSON, bytes that are not UTF-8, missing or mistyped fields, empty
+rationale lists, labels that are not answers of the task, an input file without records, an
+unknown task) ends the run with one line on stderr naming the file, the record and the field,
+exit status 2, and nothing written; so does an output or report that cannot be written (the
+two are written together or not at all). With --skip_bad_records bad records are skipped and
+counted in the report. Questions repeated with the same label are merged; repeated with
+different labels they are kept apart; both are counted in the one-line JSON summary.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import sys
 from collections.abc import Sequence
 
 from mcckd_jax.data import answers, prepare, records, selection
+
+# The report's counts printed as one JSON line on success.
+SUMMARY_KEYS = ("questions_in", "duplicate_questions_merged", "questions_with_conflicting_labels",
+                "questions_out", "rationales_in", "rationales_out", "bad_records_skipped")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (records.RecordError, ValueError, OSError) as error:
         print(f"mcckd-prepare: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    summary = {key: report[key] for key in ("questions_in", "questions_out", "rationales_in",
-                                            "rationales_out", "bad_records_skipped")}
+    summary = {key: report[key] for key in SUMMARY_KEYS}
     print(json.dumps(summary))
     return 0
 

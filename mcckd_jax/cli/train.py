@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from mcckd_jax import config as config_lib
+from mcckd_jax.cli import process
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 when the run reached run.steps, 128 + the signal's number when a signal
+    stopped it after saving a checkpoint (a preempted job is not a finished one), 1 for an
+    error during the run, 2 for a bad config or command line."""
     parser = argparse.ArgumentParser(
         prog="mcckd-train", description=__doc__.split(":", 1)[1].strip(),
         epilog="Example: mcckd-train configs/tiny.yaml run.steps=20 objective.alpha=0.5")
@@ -17,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--log_level", default="INFO", help="Python logging level")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.go_offline()
+    try:
+        process.setup_logging(args.log_level)
+    except ValueError as error:
+        print(f"mcckd-train: {error}", file=sys.stderr)
+        return 2
 
     from mcckd_jax import distributed  # imports JAX: after argument parsing, for a fast --help
     from mcckd_jax.train.config import TrainConfig
@@ -34,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     from mcckd_jax.train.loop import NonFiniteLoss, train
 
     try:
-        train(config)
-    except (NonFiniteLoss, RecordError, CheckpointError, ValueError, FileNotFoundError) as error:
-        print(f"mcckd-train: {error}", file=sys.stderr)
+        result = train(config)
+    except (NonFiniteLoss, RecordError, CheckpointError, ValueError, OSError) as error:
+        print(f"mcckd-train: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if result.stopped_by_signal is None else 128 + result.stopped_by_signal
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """mcckd-prepare as a function: raw teacher rationales in, prepared JSONL and a report out.
 
-For each question: keep the rationales whose final answer matches the label, remove exact and
-near duplicates, choose up to K diverse ones (`selection`), and end each with the canonical
-answer sentence (default "Therefore, the answer is {answer}.") so that every rationale of a
-question carries the same answer tokens. The output is written atomically (temporary file in
-the same folder, then rename), and nothing is written when the input is bad.
+A question that appears several times with the same answer becomes one question holding all
+its rationales; with different answers the copies stay apart and are reported. For each
+question: keep the rationales whose final answer matches the label, remove exact and near
+duplicates, choose up to K diverse ones (`selection`), and end each with the canonical answer
+sentence (default "Therefore, the answer is {answer}.") so that every rationale of a question
+carries the same answer tokens. The prepared file and its report are written together, all or
+nothing (`files.write_together`); nothing is written when the input is bad or holds no record.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import collections
 import dataclasses
 import json
 import os
-import pathlib
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from mcckd_jax import files
 from mcckd_jax.data import answers, records, selection
 
 DEFAULT_ANSWER_TEMPLATE = "Therefore, the answer is {answer}."
+CONFLICT_EXAMPLES = 5  # questions with conflicting labels listed in the report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +86,52 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+def merge_repeated_questions(inputs: Sequence[records.Record],
+                             task: str) -> tuple[list[records.Record], dict[str, Any]]:
+    """One record per (question, answer), and a report of the questions with several answers.
+
+    Questions are compared with their whitespace collapsed, answers after
+    `answers.normalize_label` ("4" and "4.0" agree). A merged record is the first of its
+    group holding the rationales of all, in input order, so that deduplication and selection
+    see every rationale written for the question. The same question with different answers is
+    kept apart: nothing here can tell which label is right.
+
+    Returns:
+      (records in order of first appearance, report with `duplicate_questions_merged` (records
+      folded into an earlier one), `questions_with_conflicting_labels` and up to
+      CONFLICT_EXAMPLES `conflicting_label_examples` (record ids and labels)).
+    """
+    groups: dict[tuple[str, str], list[records.Record]] = {}
+    by_question: dict[str, list[tuple[str, records.Record]]] = {}  # (answer, record) in order
+    for record in inputs:
+        question = " ".join(record.question.split())
+        answer = answers.normalize_label(record.label, task) or record.label
+        groups.setdefault((question, answer), []).append(record)
+        by_question.setdefault(question, []).append((answer, record))
+    merged = [dataclasses.replace(group[0], rationales=tuple(
+        rationale for record in group for rationale in record.rationales))
+        for group in groups.values()]
+    conflicts = [[record for _, record in copies] for copies in by_question.values()
+                 if len({answer for answer, _ in copies}) > 1]
+    report = {"duplicate_questions_merged": len(inputs) - len(merged),
+              "questions_with_conflicting_labels": len(conflicts),
+              "conflicting_label_examples": [
+                  {"records": [r.uid for r in copies], "labels": [r.label for r in copies]}
+                  for copies in conflicts[:CONFLICT_EXAMPLES]]}
+    return merged, report
+
+
 def prepare_records(inputs: Sequence[records.Record], config: PrepareConfig) -> PrepareResult:
-    """Filters, deduplicates, selects and finalises the rationales of each record."""
+    """Merges repeated questions, then filters, deduplicates, selects and finalises the
+    rationales of each question."""
     drops: collections.Counter = collections.Counter()
     endings: collections.Counter = collections.Counter()
     per_question: collections.Counter = collections.Counter()
     jaccard_before, jaccard_candidates, jaccard_after = [], [], []
     prepared = []
     ngram = config.selection.ngram
-    for record in inputs:
+    questions, merging = merge_repeated_questions(inputs, config.task)
+    for record in questions:
         answer = answers.normalize_label(record.label, config.task)
         chosen = selection.select_rationales(record.question, record.rationales, record.label,
                                              config.task, config.selection)
@@ -116,6 +155,7 @@ def prepare_records(inputs: Sequence[records.Record], config: PrepareConfig) -> 
     report = {
         "task": config.task,
         "questions_in": len(inputs),
+        **merging,
         "questions_out": len(prepared),
         "questions_without_correct_rationale": per_question[0],
         "rationales_in": sum(len(r.rationales) for r in inputs),
@@ -134,20 +174,22 @@ def prepare_records(inputs: Sequence[records.Record], config: PrepareConfig) -> 
     return PrepareResult(records=prepared, report=report)
 
 
-def write_atomically(path: str | os.PathLike, content: str | bytes) -> None:
-    """Writes `content` (text as UTF-8, or bytes) to `path` through a temporary file and a
-    rename: all or nothing."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(content.encode("utf-8") if isinstance(content, str) else content)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+def _read_inputs(paths: Sequence[str | os.PathLike], config: PrepareConfig) -> records.ReadResult:
+    """The records of every input file; a file that yields none is an error, since an empty
+    prepared file would only fail later, far from its cause."""
+    read, skipped = [], []
+    for path in paths:
+        result = records.read_records(path, skip_bad_records=config.skip_bad_records,
+                                      require_rationales=True, task=config.task)
+        if not result.records:
+            first = result.skipped[0] if result.skipped else None
+            why = "" if first is None else (
+                f": all {len(result.skipped)} were bad and skipped (the first: "
+                f"{str(first).removeprefix(first.path + ', ')})")
+            raise records.RecordError(path, None, None, f"no records{why}")
+        read += result.records
+        skipped += result.skipped
+    return records.ReadResult(records=read, skipped=skipped)
 
 
 def prepare_files(input_paths: str | os.PathLike | Sequence[str | os.PathLike],
@@ -165,13 +207,14 @@ def prepare_files(input_paths: str | os.PathLike | Sequence[str | os.PathLike],
       The report (also written to report_path).
 
     Raises:
-      records.RecordError: bad input and `config.skip_bad_records` unset; nothing is written.
+      records.RecordError: bad input and `config.skip_bad_records` unset, or an input file
+        without any (good) record; nothing is written.
+      files.WriteError: the output or the report cannot be written; neither is.
     """
-    read = records.read_records(input_paths, skip_bad_records=config.skip_bad_records,
-                                require_rationales=True, task=config.task)
+    paths = [input_paths] if isinstance(input_paths, (str, os.PathLike)) else list(input_paths)
+    read = _read_inputs(paths, config)
     result = prepare_records(read.records, config)
-    report = {"inputs": [str(p) for p in ([input_paths] if isinstance(
-        input_paths, (str, os.PathLike)) else input_paths)],
+    report = {"inputs": [str(p) for p in paths],
               "output": str(output_path),
               "bad_records_skipped": len(read.skipped),
               "bad_records": [str(error) for error in read.skipped[:20]],
@@ -179,6 +222,6 @@ def prepare_files(input_paths: str | os.PathLike | Sequence[str | os.PathLike],
     lines = "".join(json.dumps(records.record_to_json(r), ensure_ascii=False) + "\n"
                     for r in result.records)
     report_path = report_path or f"{output_path}.report.json"
-    write_atomically(output_path, lines)
-    write_atomically(report_path, json.dumps(report, indent=2) + "\n")
+    # Together: a prepared file next to the report of an earlier run would mislead.
+    files.write_together({output_path: lines, report_path: json.dumps(report, indent=2) + "\n"})
     return report

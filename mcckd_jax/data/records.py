@@ -75,8 +75,17 @@ Row = tuple[int, Any]
 
 
 def _json_list_rows(path: pathlib.Path) -> Iterator[Row]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # One JSON list: a bad byte anywhere makes the whole file unreadable.
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - raw.rfind(b"\n", 0, error.start)
+        raise RecordError(path, None, None, f"not valid UTF-8: byte 0x{raw[error.start]:02x} at "
+                          f"line {line} column {column} (byte offset {error.start})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise RecordError(path, None, None, f"malformed JSON at line {error.lineno} column "
                           f"{error.colno}: {error.msg}") from None
@@ -87,8 +96,17 @@ def _json_list_rows(path: pathlib.Path) -> Iterator[Row]:
 
 
 def _jsonl_rows(path: pathlib.Path) -> Iterator[Row | RecordError]:
-    with path.open(encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
+    # Read as bytes and decoded line by line, so that a bad byte is one bad record (which
+    # skip_bad_records can skip) instead of an error for the whole file.
+    with path.open("rb") as lines:
+        for index, raw in enumerate(lines):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield RecordError(path, index, None, f"not valid UTF-8: byte "
+                                  f"0x{raw[error.start]:02x} on line {index + 1} at byte "
+                                  f"{error.start + 1}")
+                continue
             if not line.strip():
                 continue
             try:

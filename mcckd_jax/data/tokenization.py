@@ -114,8 +114,16 @@ def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None) -> Any
     path = os.fspath(path)
     if path.endswith(".gguf") and gguf_file is None:
         path, gguf_file = os.path.split(path)
+    where = os.path.join(path, gguf_file) if gguf_file else path
+    if not os.path.exists(where):
+        raise FileNotFoundError(f"{where}: no such tokenizer file or directory (tokenizers are "
+                                "read from local paths only; nothing is downloaded)")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as error:  # transformers' messages suggest the hub
+        raise ValueError(f"{where}: not a Hugging Face tokenizer ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:300]})") from None
 
 
 def prompt_text(question: str, tokenizer: Any, config: TokenizationConfig) -> str:
@@ -223,8 +231,9 @@ def encode_records(records: Sequence[Record], tokenizer: Any,
     Returns:
       (dataset, report): report counts questions and rationales in and out, rationale drops
       by reason (DROP_REASONS), kept rationales that were truncated after their span,
-      questions whose rationales disagreed on the span ids, and questions dropped because their
-      prompt is too long or no rationale survived.
+      questions whose rationales disagreed on the span ids, questions dropped because their
+      prompt is too long or no rationale survived, and what the length limits alone dropped
+      (`length_drops`).
     """
     eos = eos_id(tokenizer, config)
     counts: collections.Counter = collections.Counter()
@@ -235,11 +244,15 @@ def encode_records(records: Sequence[Record], tokenizer: Any,
                  else config.max_length - 1)
         if len(prompt) > limit:
             counts["prompt_too_long"] += 1
+            counts["rationales_of_long_prompts"] += len(record.rationales)
             continue
         prefix = 1 if config.layout == "encoder_decoder" else len(prompt)
+        truncated_before = counts["span_truncated"]
         usable = _encode_rationales(record, prefix, eos, tokenizer, config, counts)
         if not usable.ids:
             counts["no_usable_rationale"] += 1
+            if counts["span_truncated"] - truncated_before == len(record.rationales):
+                counts["questions_lost_to_max_length"] += 1
             continue
         prompts.append(prompt)
         rationales.extend(usable.ids)
@@ -267,8 +280,26 @@ def encode_records(records: Sequence[Record], tokenizer: Any,
         "questions_with_span_disagreement": counts["questions_with_span_disagreement"],
         "question_drops": {"prompt_too_long": counts["prompt_too_long"],
                            "no_usable_rationale": counts["no_usable_rationale"]},
+        # What the length limits alone cost: questions whose prompt is too long or whose every
+        # rationale lost its answer span to truncation, and the rationales of both.
+        "length_drops": {
+            "questions": counts["prompt_too_long"] + counts["questions_lost_to_max_length"],
+            "rationales": counts["rationales_of_long_prompts"] + counts["span_truncated"]},
     }
     return dataset, report
+
+
+def check_vocabulary(token_arrays: Sequence[np.ndarray], vocab_size: int, tokenizer: Any) -> None:
+    """Raises ValueError (one line) when a token id of the encoded data does not exist in a
+    model of `vocab_size` entries: the tokenizer and the student do not belong together (on
+    an accelerator such an id reads garbage; on CPU it becomes a NaN loss)."""
+    largest = max((int(array.max()) for array in token_arrays if array.size), default=-1)
+    if largest >= vocab_size:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"tokenizer {name} ({len(tokenizer)} tokens) gives token id {largest}, but the "
+            f"student's vocabulary has {vocab_size} entries: use the student's own tokenizer, "
+            "or a student whose vocab_size covers this one (student.architecture.vocab_size)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mcckd_jax.data.prepare import write_atomically
 from mcckd_jax.eval.scoring import Prediction
+from mcckd_jax.files import write_atomically
 
 
 def read_summaries(output_dir: str | pathlib.Path) -> list[dict[str, Any]]:

@@ -16,8 +16,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mcckd_jax import sharding
+from mcckd_jax.data import tokenization
 from mcckd_jax.eval import reports, restore, runner
 from mcckd_jax.models import pretrained
+from mcckd_jax.train import checkpointing
 from mcckd_jax.train.config import TrainConfig
 from mcckd_jax.train.loop import load_run_tokenizer
 
@@ -34,13 +36,19 @@ class EvalSession:
         self.output_dir = pathlib.Path(output_dir)
         self.run_dir = pathlib.Path(run_dir) if run_dir is not None else None
         self.should_stop = should_stop
+        self._seen: set[int] = set()  # checkpoints listed so far (--watch)
+        self._skipped: set[int] = set()  # damaged or deleted before they were read
         self.rules = train_config.mesh.rules
         self.mesh = sharding.make_mesh(train_config.mesh.per_host, train_config.mesh.across_hosts)
         self.tokenizer = load_run_tokenizer(train_config)
-        self.layout = pretrained.tokenization_layout(
-            pretrained.student_architecture(train_config.student)[0])
+        model_cls, architecture = pretrained.student_architecture(train_config.student)
+        self.layout = pretrained.tokenization_layout(model_cls)
         self.tokenization = dataclasses.replace(train_config.data.tokenization, layout=self.layout)
         self.data = runner.load_eval_data(eval_config, self.tokenizer, self.tokenization)
+        tokenization.check_vocabulary(
+            [data.prompts.prompt_tokens for data in self.data] + [
+                np.array([data.prompts.pad_id for data in self.data])],
+            architecture.vocab_size, self.tokenizer)
 
     def settings(self) -> dict[str, Any]:
         config = self.eval_config
@@ -88,19 +96,41 @@ class EvalSession:
             self.train_config.student, mesh=self.mesh, rules=self.rules))
 
     def _new_steps(self) -> list[int]:
-        """Finalized checkpoints not evaluated yet; process 0 decides for everyone."""
+        """Finalized checkpoints not evaluated or skipped yet, oldest first; process 0 decides
+        for everyone (and names the checkpoints deleted before they could be read)."""
         steps = np.full(64, -1, np.int64)
         if jax.process_index() == 0:
             directory = self.run_dir / "checkpoints"
-            found = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
-            new = sorted(set(found) - reports.evaluated_steps(self.output_dir))[:64]
+            found = set(ocp.utils.checkpoint_steps(directory) if directory.exists() else [])
+            done = reports.evaluated_steps(self.output_dir) | self._skipped
+            self._report_deleted(found, done)
+            new = sorted(found - done)[:64]
             steps[:len(new)] = new
         steps = multihost_utils.broadcast_one_to_all(steps)
         return [int(s) for s in steps if s >= 0]
 
+    def _report_deleted(self, found: set[int], done: set[int]) -> None:
+        """Warns once about each checkpoint the run should have written (every
+        run.checkpoint_every steps up to the newest one seen) that is gone unevaluated: the
+        trainer's keep policy deleted it before this process got to it."""
+        self._seen |= found
+        every = self.train_config.run.checkpoint_every
+        newest = max(self._seen | done, default=0)
+        expected = set(range(every, newest + 1, every)) | self._seen
+        deleted = sorted(expected - found - done)
+        if deleted:
+            which = (f"checkpoint {deleted[0]} was" if len(deleted) == 1 else
+                     f"checkpoints {', '.join(map(str, deleted))} were")
+            log.warning("%s deleted before evaluation (the run keeps the last "
+                        "run.keep_checkpoints=%d); evaluation is slower than training: evaluate "
+                        "fewer questions or keep more checkpoints", which,
+                        self.train_config.run.keep_checkpoints)
+            self._skipped |= set(deleted)
+
     def watch(self, *, poll: Callable[[float], None], poll_seconds: float) -> None:
         """Evaluates each checkpoint as it appears, oldest first, until the run's last step
-        (run.steps) is evaluated or a stop is requested."""
+        (run.steps) is evaluated or a stop is requested. A damaged checkpoint, or one deleted
+        before it was read, is named and skipped."""
         final = self.train_config.run.steps
         log.info("watching %s for checkpoints (last step %d)", self.run_dir / "checkpoints", final)
         while not self.should_stop():
@@ -108,8 +138,13 @@ class EvalSession:
                 try:
                     if self.evaluate_checkpoint(step) is None:
                         return
-                except FileNotFoundError as error:  # deleted by the trainer's keep policy
-                    log.warning("checkpoint %d vanished before it was read (%s)", step, error)
+                except FileNotFoundError:  # deleted by the trainer's keep policy meanwhile
+                    log.warning("checkpoint %d was deleted before it was read (the run keeps the "
+                                "last run.keep_checkpoints=%d); skipped", step,
+                                self.train_config.run.keep_checkpoints)
+                except checkpointing.DamagedCheckpoint as error:
+                    log.warning("%s; skipped", error)
+                self._skipped.add(step)
                 if step >= final:
                     return
             poll(poll_seconds)

@@ -95,7 +95,8 @@ def _gguf_tensors(file: pathlib.Path, stack: contextlib.ExitStack) -> Iterator[t
     del stack
     # transformers dequantizes the whole file (one host copy); its name mapping needs a model,
     # and one on the meta device costs nothing.
-    hf_config = transformers.AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    hf_config = transformers.AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name,
+                                                        local_files_only=True)
     auto = (transformers.AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder
             else transformers.AutoModelForCausalLM)
     with torch.device("meta"):
@@ -110,7 +111,7 @@ def checkpoint_tensors(path: str | pathlib.Path, stack: contextlib.ExitStack,
                        gguf_file: str | None = None) -> NamedTensors:
     """(name, LazyTensor) pairs of a local Hugging Face checkpoint (a directory or one file);
     the files stay open until `stack` closes."""
-    path = pathlib.Path(path)
+    path = _existing(path, gguf_file)
     if gguf_file is not None or path.suffix == ".gguf":
         return _gguf_tensors(path / gguf_file if gguf_file else path, stack)
     if path.is_file():
@@ -130,15 +131,33 @@ def checkpoint_tensors(path: str | pathlib.Path, stack: contextlib.ExitStack,
 
 def read_hf_config(path: str | pathlib.Path, gguf_file: str | None = None) -> dict:
     """The config.json dict of a checkpoint directory, or the config stored in a GGUF file."""
-    path = pathlib.Path(path)
+    path = _existing(path, gguf_file)
     if gguf_file is not None or path.suffix == ".gguf":
         import transformers
 
         file = path / gguf_file if gguf_file else path
-        return transformers.AutoConfig.from_pretrained(str(file.parent),
-                                                       gguf_file=file.name).to_dict()
+        return transformers.AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name,
+                                                       local_files_only=True).to_dict()
     config_file = (path if path.is_dir() else path.parent) / "config.json"
-    return json.loads(config_file.read_text())
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no such file (a checkpoint directory holds "
+                                "config.json beside its weights)")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{config_file}: not a JSON config ({error})") from None
+
+
+def _existing(path: str | pathlib.Path, gguf_file: str | None) -> pathlib.Path:
+    """`path` (and the GGUF file in it), or FileNotFoundError naming what is missing: a
+    checkpoint is a local path, never a hub name; nothing is downloaded."""
+    path = pathlib.Path(path)
+    file = path / gguf_file if gguf_file else path
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{file}: no such checkpoint file or directory (checkpoints are read from local "
+            "paths only; download hub models yourself, e.g. with `huggingface-cli download`)")
+    return path
 
 
 def load_named_tensors(model_factory: Callable[[], nnx.Module], tensors: NamedTensors, *,

@@ -2,8 +2,13 @@
 
 Items of one checkpoint: "params" (trainable variables), "model_state" (the rest of the model:
 frozen base weights under LoRA, RNG streams), "optimizer" (step and optimizer state) and
-"data" (the Grain iterator). The eval binary restores the first two only. Saves run
-asynchronously; a checkpoint that fails to restore is skipped for the one before it.
+"data" (the Grain iterator). The eval binary restores the first two only.
+
+Every checkpoint carries the SHA-256 of each of its item files (`digests`), written before
+Orbax commits it. Nothing is restored from a checkpoint that fails that check: training sets
+it aside and resumes from the newest one that passes; evaluation skips it. A checkpoint that
+passes but does not fit the state (a changed model or optimizer config) is an error, never a
+silent fresh start.
 """
 
 from __future__ import annotations
@@ -17,12 +22,27 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from mcckd_jax.train import digests
 from mcckd_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+# Orbax writes step N into "N.orbax-checkpoint-tmp" and renames it when committing (on file
+# systems with atomic rename); the digests go into that folder, before the rename.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files do not match their digests (or that has none)."""
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A verified checkpoint that does not restore into the state it is asked for."""
 
 
 def _abstract(tree, shardings=None):
@@ -34,9 +54,26 @@ def _abstract(tree, shardings=None):
                         tree, shardings)
 
 
+def verification_problem(directory: pathlib.Path, step: int) -> str | None:
+    """Why checkpoint `step` in `directory` fails its digests, or None; process 0 reads the
+    files and every process gets its verdict."""
+    problem = digests.problem(directory / str(step)) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        intact = multihost_utils.broadcast_one_to_all(np.int32(problem is None))
+        if problem is None and not int(intact):
+            problem = "process 0 found its files damaged"
+    return problem
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class Checkpointer:
-    """Periodic, asynchronous saves that keep the last `keep`, and with `best_metric` also
-    the `keep_best` checkpoints whose saved metrics rank best by it."""
+    """Periodic saves that keep the last `keep`, and with `best_metric` also the `keep_best`
+    checkpoints whose saved metrics rank best by it. Saves run in the background unless
+    `async_save` is off; either way each one is sealed with its digests before it commits."""
 
     def __init__(self, output_dir: str | pathlib.Path, *, save_every: int, keep: int = 3,
                  async_save: bool = True, best_metric: str | None = None,
@@ -50,10 +87,21 @@ class Checkpointer:
             policies.append(preservation.BestN(
                 get_metric_fn=lambda metrics: metrics.get(best_metric, worst),
                 reverse=best_mode == "min", n=keep_best))
+        # Orbax runs the post-finalization callback only with its asynchronous checkpointer;
+        # a synchronous save is an asynchronous one waited for.
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, enable_async_checkpointing=async_save,
+            save_interval_steps=save_every, enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
             preservation_policy=preservation.AnyPreservationPolicy(policies))
+        self.async_save = async_save
+        self._saving: int | None = None
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _seal(self) -> None:
+        """Orbax's callback on the primary process, once every file of the save in flight is
+        written and before the step folder is committed."""
+        staged = self.directory / f"{self._saving}{_ORBAX_TMP_SUFFIX}"
+        digests.seal(staged if staged.is_dir() else self.directory / str(self._saving))
 
     def save(self, state: TrainState, data_iterator, *, force: bool = False,
              metrics: Mapping[str, float] | None = None) -> bool:
@@ -65,49 +113,75 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator))
         if jax.tree.leaves(state.model_state):  # Orbax refuses empty items
             items["model_state"] = ocp.args.StandardSave(state.model_state)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
-                                 metrics=dict(metrics) if metrics else None)
+        self.manager.wait_until_finished()  # the previous save is sealed before _saving moves
+        self._saving = step
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                                  metrics=dict(metrics) if metrics else None)
+        if saved and not self.async_save:
+            self.manager.wait_until_finished()
+        return saved
+
+    def _restore_items(self, state: TrainState, shardings: TrainState, data_iterator) -> dict:
+        items = dict(
+            params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
+            optimizer=ocp.args.StandardRestore(_abstract(
+                {"step": state.step, "opt_state": state.opt_state},
+                {"step": shardings.step, "opt_state": shardings.opt_state})),
+            data=grain.checkpoint.CheckpointRestore(data_iterator))
+        if jax.tree.leaves(state.model_state):
+            items["model_state"] = ocp.args.StandardRestore(
+                _abstract(state.model_state, shardings.model_state))
+        return items
 
     def restore_latest(self, state: TrainState, shardings: TrainState,
                        data_iterator) -> TrainState | None:
-        """The newest checkpoint that restores, into `state`'s structure and `shardings`;
-        the iterator is moved to its saved position. None when there is none."""
-        damaged = []
+        """The newest verified checkpoint, into `state`'s structure and `shardings`; the
+        iterator is moved to its saved position. None when there is none. Checkpoints newer
+        than it that fail verification are set aside.
+
+        Raises:
+          IncompatibleCheckpoint: the newest verified checkpoint does not fit `state`.
+        """
+        damaged: dict[int, str] = {}
         for step in sorted(self.manager.all_steps(), reverse=True):
-            items = dict(
-                params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
-                optimizer=ocp.args.StandardRestore(_abstract(
-                    {"step": state.step, "opt_state": state.opt_state},
-                    {"step": shardings.step, "opt_state": shardings.opt_state})),
-                data=grain.checkpoint.CheckpointRestore(data_iterator))
-            if jax.tree.leaves(state.model_state):
-                items["model_state"] = ocp.args.StandardRestore(
-                    _abstract(state.model_state, shardings.model_state))
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as error:  # a damaged checkpoint: try the one before it
-                log.warning("checkpoint %d in %s does not restore (%s: %s); falling back to "
-                            "the previous one", step, self.directory, type(error).__name__,
-                            str(error).splitlines()[0] if str(error) else "")
-                damaged.append(step)
+            problem = verification_problem(self.directory, step)
+            if problem is not None:
+                damaged[step] = problem
                 continue
-            self._set_aside(damaged)
-            log.info("resumed from checkpoint %d in %s", step, self.directory)
+            self._set_aside(damaged, f"resuming from checkpoint {step}, the newest verified one")
+            try:
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(**self._restore_items(state, shardings,
+                                                                        data_iterator)))
+            except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+                raise IncompatibleCheckpoint(
+                    f"checkpoint {step} in {self.directory} is intact (digests verified) but "
+                    f"does not restore into this run's state ({_first_line(error)}); was the "
+                    "student, LoRA or optimizer config changed? Use a new run.output_dir"
+                ) from error
+            log.info("resumed from checkpoint %d in %s (digests verified)", step, self.directory)
             return TrainState(step=restored.optimizer["step"], params=restored.params,
                               model_state=restored.get("model_state", state.model_state),
                               opt_state=restored.optimizer["opt_state"])
+        self._set_aside(damaged, "no verified checkpoint is left: starting from step 0")
         return None
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def _set_aside(self, damaged: Mapping[int, str], outcome: str) -> None:
         """Moves damaged checkpoints out of the way (kept for inspection) so that the resumed
-        run can save those steps again."""
-        if not steps or jax.process_index() != 0:
+        run can save those steps again; one warning line per checkpoint says why and what
+        the run does instead."""
+        if not damaged:
             return
-        aside = self.directory.parent / "damaged_checkpoints"
-        aside.mkdir(exist_ok=True)
-        for step in steps:
-            (self.directory / str(step)).rename(aside / f"{step}-{time.time_ns()}")
-            log.warning("moved damaged checkpoint %d to %s", step, aside)
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "damaged_checkpoints"
+            aside.mkdir(exist_ok=True)
+            for step, problem in damaged.items():
+                target = aside / f"{step}-{time.time_ns()}"
+                (self.directory / str(step)).rename(target)
+                log.warning("checkpoint %d in %s is damaged (%s); moved to %s; %s", step,
+                            self.directory, problem, target, outcome)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mcckd_jax: damaged checkpoints set aside")
         self.manager.reload()
 
     def wait(self) -> None:
@@ -119,15 +193,48 @@ class Checkpointer:
 
 def restore_params(output_dir: str | pathlib.Path, params_template: Any,
                    model_state_template: Any, step: int | None = None) -> tuple[int, Any, Any]:
-    """(step, params, model_state) of a checkpoint (default: the latest), without the
-    optimizer or data state; the templates give structure and target shardings."""
+    """(step, params, model_state) of a verified checkpoint, without the optimizer or data
+    state; the templates give structure and target shardings.
+
+    With `step` None, the newest checkpoint that passes verification (the damaged ones newer
+    than it are named in a warning and left where they are: evaluation never moves a run's
+    files).
+
+    Raises:
+      FileNotFoundError: no checkpoint (or no checkpoint `step`).
+      DamagedCheckpoint: checkpoint `step` fails verification, or every checkpoint does.
+      IncompatibleCheckpoint: it does not fit the templates.
+    """
     directory = pathlib.Path(output_dir).absolute() / "checkpoints"
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            read_only=True)) as manager:
+        available = sorted(manager.all_steps(), reverse=True)
+        if not available:
             raise FileNotFoundError(f"{directory}: no checkpoint")
+        if step is not None and step not in available:
+            raise FileNotFoundError(f"{directory}: no checkpoint {step} (there are "
+                                    f"{', '.join(map(str, sorted(available)))})")
+        damaged: dict[int, str] = {}
+        for candidate in available if step is None else [step]:
+            problem = verification_problem(directory, candidate)
+            if problem is None:
+                break
+            if step is not None:
+                raise DamagedCheckpoint(f"checkpoint {step} in {directory} is damaged: {problem}")
+            damaged[candidate] = problem
+        else:
+            raise DamagedCheckpoint(f"{directory}: no checkpoint passes verification "
+                                    f"(checkpoint {available[0]}: {damaged[available[0]]})")
+        for bad, problem in damaged.items():
+            log.warning("checkpoint %d in %s is damaged (%s); evaluating checkpoint %d, the "
+                        "newest verified one", bad, directory, problem, candidate)
         items = dict(params=ocp.args.StandardRestore(_abstract(params_template)))
         if jax.tree.leaves(model_state_template):
             items["model_state"] = ocp.args.StandardRestore(_abstract(model_state_template))
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return step, restored.params, restored.get("model_state", model_state_template)
+        try:
+            restored = manager.restore(candidate, args=ocp.args.Composite(**items))
+        except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+            raise IncompatibleCheckpoint(
+                f"checkpoint {candidate} in {directory} is intact (digests verified) but does "
+                f"not restore into the student of this config ({_first_line(error)})") from error
+    return candidate, restored.params, restored.get("model_state", model_state_template)

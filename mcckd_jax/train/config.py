@@ -20,8 +20,14 @@ class DataConfig:
     tokenizer: str | None = None  # local tokenizer dir or .gguf; None: the student checkpoint's
     tokenizer_gguf_file: str | None = None  # GGUF file inside `tokenizer`
     skip_bad_records: bool = False  # count and skip malformed records instead of stopping
+    max_length_drop_fraction: float = 0.2  # most questions/rationales the length limits may drop
     tokenization: TokenizationConfig = TokenizationConfig()  # prompt template, lengths, task
     pipeline: PipelineConfig = PipelineConfig()  # batch size, K, buckets, seed, workers
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_length_drop_fraction <= 1.0:
+            raise ValueError("max_length_drop_fraction must be within [0, 1], got "
+                             f"{self.max_length_drop_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mcckd_jax import config as config_lib
-from mcckd_jax import host_memory, sharding
+from mcckd_jax import files, host_memory, sharding
 from mcckd_jax.data import pipeline, records, tokenization
 from mcckd_jax.models import pretrained
 from mcckd_jax.train import checkpointing, optimizer, state as train_state, step as train_step
@@ -41,12 +41,25 @@ class NonFiniteLoss(RuntimeError):
 class _Preemption:
     """Set by SIGTERM; the loop saves a checkpoint and stops at the next step boundary."""
 
-    requested: bool = False
+    signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __call__(self, signum, frame):
         del frame
         log.warning("received signal %d: saving a checkpoint and stopping", signum)
-        self.requested = True
+        self.signal = signum
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a call of `train` did: the metric records it logged, and the signal that stopped
+    it before its last step (None when it ran to the end)."""
+
+    records: list[dict]
+    stopped_by_signal: int | None = None
 
 
 def load_run_tokenizer(config: TrainConfig):
@@ -74,7 +87,27 @@ def load_train_data(config: TrainConfig, tokenizer, layout: str) -> tokenization
     log.info("training data: %s", report)
     if encoded.num_questions == 0:
         raise ValueError(f"no trainable question in {', '.join(data.train_files)}: {report}")
+    _check_length_drops(report, data)
     return encoded
+
+
+def _check_length_drops(report: Mapping, data) -> None:
+    """Warns about what data.tokenization.max_length (and max_encoder_length) dropped, and
+    stops when it is more than data.max_length_drop_fraction of the questions or rationales."""
+    lost = report["length_drops"]
+    if not (lost["questions"] or lost["rationales"]):
+        return
+    shares = {kind: lost[kind] / max(report[f"{kind}_in"], 1) for kind in lost}
+    text = (f"the length limits (data.tokenization.max_length={data.tokenization.max_length}, "
+            f"max_encoder_length={data.tokenization.max_encoder_length}) drop "
+            f"{lost['questions']} of {report['questions_in']} questions "
+            f"({shares['questions']:.0%}) and {lost['rationales']} of {report['rationales_in']} "
+            f"rationales ({shares['rationales']:.0%})")
+    if max(shares.values()) > data.max_length_drop_fraction:
+        raise ValueError(f"{text}, more than data.max_length_drop_fraction="
+                         f"{data.max_length_drop_fraction}: raise max_length, or allow it with "
+                         "data.max_length_drop_fraction")
+    log.warning("%s", text)
 
 
 def global_batch(local: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict:
@@ -116,8 +149,9 @@ def _check_finite(step: int, metrics: Mapping[str, float], checkpointer) -> None
     raise NonFiniteLoss(f"step {step}: {what}; stopping; {where}")
 
 
-def train(config: TrainConfig) -> list[dict]:
-    """Runs (or resumes) the training of `config`; returns the logged metric records."""
+def train(config: TrainConfig) -> TrainResult:
+    """Runs (or resumes) the training of `config`."""
+    files.check_writable_directory(config.run.output_dir, "run.output_dir")
     if config.dev_eval.every and not config.dev_eval.files:
         raise ValueError(f"dev_eval.every is {config.dev_eval.every} but dev_eval.files is "
                          "empty: give dev question files (dev_eval.files=[...]) or set "
@@ -131,11 +165,17 @@ def train(config: TrainConfig) -> list[dict]:
             f"{config.data.pipeline.batch_size} x {jax.process_count()} processes) does not "
             f"split over the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} "
             "devices; change data.pipeline.batch_size or mesh.per_host")
-    model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
-    layout = pretrained.tokenization_layout(type(model))
+    model_cls, architecture = pretrained.student_architecture(config.student)
+    layout = pretrained.tokenization_layout(model_cls)
     tokenizer = load_run_tokenizer(config)
-    dataset = pipeline.train_dataset(load_train_data(config, tokenizer, layout),
-                                     config.data.pipeline)
+    encoded = load_train_data(config, tokenizer, layout)
+    tokenization.check_vocabulary(
+        [encoded.prompt_tokens, encoded.rationale_tokens,
+         np.array([encoded.pad_id, encoded.decoder_start_id])],
+        architecture.vocab_size, tokenizer)
+    # The data is checked before the weights are read: a mistake costs seconds, not minutes.
+    model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
+    dataset = pipeline.train_dataset(encoded, config.data.pipeline)
     iterator: Iterator = iter(dataset)
 
     run = config.run
@@ -181,7 +221,7 @@ def train(config: TrainConfig) -> list[dict]:
         checkpointer.wait()
         checkpointer.close()
         logger.close()
-    return records_out
+    return TrainResult(records=records_out, stopped_by_signal=preemption.signal)
 
 
 def _loop(run, state, iterator, compiled, batch_sharding, checkpointer, logger, preemption,

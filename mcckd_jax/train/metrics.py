@@ -15,7 +15,28 @@ from collections.abc import Mapping
 import jax
 import tqdm
 
+from mcckd_jax import files
+
 _BAR_FIELDS = ("loss", "ce", "kl", "learning_rate")
+
+
+def _forget_steps_after(jsonl: pathlib.Path, step: int) -> None:
+    """Drops the records of steps after `step` from metrics.jsonl: a resumed run replays them
+    from its checkpoint, so each step keeps one line (the replay's)."""
+    if not jsonl.exists():
+        return
+    lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        files.write_atomically(jsonl, "".join(kept))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a killed process left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class MetricsLogger:
@@ -30,11 +51,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        jsonl = self.output_dir / "metrics.jsonl"
+        _forget_steps_after(jsonl, start_step)
+        self._jsonl = open(jsonl, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
 
-            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard" / "train"))
+            # purge_step makes TensorBoard drop the events of the steps that are replayed.
+            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard" / "train"),
+                                              purge_step=start_step + 1 if start_step else None)
         if progress_bar:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                                   dynamic_ncols=True)

@@ -1,0 +1,65 @@
+"""MetricsLogger: one metrics.jsonl line per step across resumes, and TensorBoard told to drop
+the replayed steps.
+
+A resumed run starts from its newest checkpoint and replays the steps logged after it; the
+lines those steps left behind (and a line a killed process left half-written) must go, so a
+reader needs no dedupe. The TensorBoard check parses the event file's records by hand
+(length-prefixed Event protos) and looks for the SessionLog.START that carries the purge step.
+"""
+
+import json
+import struct
+
+from tensorboardX.proto import event_pb2
+
+from mcckd_jax.train.metrics import MetricsLogger
+
+
+def log_steps(output_dir, steps, start_step=0, tensorboard=False):
+    logger = MetricsLogger(output_dir, total_steps=10, start_step=start_step, progress_bar=False,
+                           tensorboard=tensorboard)
+    for step in steps:
+        logger.log(step, {"loss": float(step), "param_norm": 1.0}, tokens=100.0 * step)
+    logger.close()
+
+
+def jsonl(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_keeps_one_line_per_step(tmp_path):
+    log_steps(tmp_path, range(1, 6))
+    with (tmp_path / "metrics.jsonl").open("a") as handle:  # killed while writing step 6
+        handle.write('{"step": 6, "loss": 6.')
+    log_steps(tmp_path, [4, 5, 6, 7], start_step=3)
+    records = jsonl(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_evaluation_lines_of_replayed_steps_go_too(tmp_path):
+    logger = MetricsLogger(tmp_path, total_steps=10, progress_bar=False, tensorboard=False)
+    for step in (1, 2):
+        logger.log(step, {"loss": 1.0}, tokens=1.0)
+        logger.log_eval(step, {"dev_accuracy": 0.5})
+    logger.close()
+    log_steps(tmp_path, [2], start_step=1)
+    assert [(r["step"], "dev_accuracy" in r) for r in jsonl(tmp_path)] == [
+        (1, False), (1, True), (2, False)]
+
+
+def event_records(path):
+    data, events = path.read_bytes(), []
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        events.append(event_pb2.Event.FromString(data[12:12 + length]))
+        data = data[12 + length + 4:]
+    return events
+
+
+def test_tensorboard_purges_the_replayed_steps(tmp_path):
+    log_steps(tmp_path, [4, 5], start_step=3, tensorboard=True)
+    [events_file] = (tmp_path / "tensorboard" / "train").iterdir()
+    starts = [e.step for e in event_records(events_file)
+              if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert starts == [4]
