@@ -63,3 +63,15 @@ def test_a_max_length_that_drops_most_of_the_data_is_refused(inputs, tmp_path): 
                                     "data.tokenization.max_length=48"))
     assert "data.max_length_drop_fraction=0.2" in line and "max_length=48" in line
     assert "questions" in line and "rationales" in line
+
+
+@pytest.mark.slow
+def test_resuming_with_a_changed_model_is_one_line_and_keeps_the_checkpoints(inputs,  # noqa: F811
+                                                                            tmp_path):
+    done = run_train(inputs, tmp_path, "run.steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = one_line_error(run_train(inputs, tmp_path, "run.steps=4",
+                                    "student.architecture.hidden_size=64"))
+    assert "checkpoint 2 in" in line and "intact (digests verified) but does not fit" in line
+    assert "embed_tokens" in line and "Use a new run.output_dir" in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]

@@ -68,8 +68,10 @@ def run_copy(run_template, tmp_path):
 
 
 def flip_bytes(step_dir: pathlib.Path, item: str) -> pathlib.Path:
-    """XORs 400 bytes in the middle of the largest file of `item`; returns the file."""
-    target = max((p for p in (step_dir / item).rglob("*") if p.is_file()),
+    """XORs 400 bytes in the middle of the largest data file of `item` (for the Grain item:
+    the iterator state, not Orbax's commit marker); returns the file."""
+    target = max((p for p in (step_dir / item).rglob("*")
+                  if p.is_file() and p.name != "commit_success.txt"),
                  key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     middle = len(data) // 2
@@ -172,7 +174,11 @@ def test_an_intact_checkpoint_that_does_not_fit_the_state_is_an_error_not_a_fres
                        model_state={}, opt_state=optax.adam(1e-3).init(
                            {**template.params, "b": jnp.zeros(65)}))
     checkpointer = checkpointing.Checkpointer(run_copy, save_every=1)
-    with pytest.raises(checkpointing.IncompatibleCheckpoint, match="intact"):
+    with pytest.raises(checkpointing.IncompatibleCheckpoint,
+                       match=r"checkpoint 4 .* intact .* params: shape/dtype of b "
+                             r"\(\(64,\), 'float32'\) != \(\(65,\), 'float32'\)"):
         checkpointer.restore_latest(wider, shardings_of(wider), iterator(0))
     checkpointer.close()
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["2", "4"]
+    with pytest.raises(checkpointing.IncompatibleCheckpoint, match="unexpected \\['w'\\]"):
+        checkpointing.restore_params(run_copy, {"b": template.params["b"]}, {})

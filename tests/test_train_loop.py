@@ -118,9 +118,12 @@ def test_kill_9_after_a_checkpoint_resumes_with_identical_losses(inputs, uninter
 
 
 def flip_bytes(item_dir: pathlib.Path) -> pathlib.Path:
-    """XORs 400 bytes in the middle of the largest file under `item_dir` (a bad disk or a torn
-    copy: the file keeps its size); returns the file."""
-    target = max((p for p in item_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    """XORs 400 bytes in the middle of the largest data file under `item_dir` (a bad disk or a
+    torn copy: the file keeps its size); returns the file. Orbax's commit markers are not data:
+    for the Grain item this picks the iterator state itself."""
+    target = max((p for p in item_dir.rglob("*")
+                  if p.is_file() and p.name != "commit_success.txt"),
+                 key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     middle = len(data) // 2
     for i in range(max(0, middle - 200), min(len(data), middle + 200)):

@@ -65,6 +65,51 @@ def verification_problem(directory: pathlib.Path, step: int) -> str | None:
     return problem
 
 
+def _path_name(path) -> str:
+    return "/".join(str(next(getattr(key, attr) for attr in ("key", "name", "idx")
+                             if hasattr(key, attr))) for key in path)
+
+
+def _signatures(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{leaf path: (shape, dtype)} as Orbax stores the leaves (typed PRNG keys as their data)."""
+    def signature(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        return tuple(leaf.shape), str(np.dtype(leaf.dtype))
+    return {_path_name(path): signature(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _misfit(stored_metadata, template) -> str | None:
+    """How the arrays a checkpoint item stores differ from `template` (None: they fit). Checked
+    before restoring: a failed Orbax restore leaves its reads running into interpreter exit."""
+    stored = _signatures(getattr(stored_metadata, "tree", stored_metadata))
+    wanted = _signatures(template)
+    missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+    if missing or extra:
+        return f"missing {missing[:3]}, unexpected {extra[:3]}"
+    differ = [f"{name} {stored[name]} != {wanted[name]}" for name in sorted(wanted)
+              if stored[name] != wanted[name]]
+    return f"shape/dtype of {differ[0]}" + (f" (and {len(differ) - 1} more)" if len(differ) > 1
+                                            else "") if differ else None
+
+
+def _check_fits(directory: pathlib.Path, step: int, templates: Mapping[str, Any],
+                where: str, hint: str = "") -> None:
+    """Raises IncompatibleCheckpoint when an item of checkpoint `step` does not fit its
+    template (from the item's metadata; no array is read)."""
+    for item, template in templates.items():
+        if not jax.tree.leaves(template):
+            continue
+        item_dir = directory / str(step) / item
+        problem = ("the checkpoint does not have it" if not item_dir.is_dir() else
+                   _misfit(ocp.StandardCheckpointHandler().metadata(item_dir), template))
+        if problem is not None:
+            raise IncompatibleCheckpoint(
+                f"checkpoint {step} in {directory} is intact (digests verified) but does not fit "
+                f"{where}: {item}: {problem}{hint}")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
@@ -149,6 +194,11 @@ class Checkpointer:
                 damaged[step] = problem
                 continue
             self._set_aside(damaged, f"resuming from checkpoint {step}, the newest verified one")
+            _check_fits(self.directory, step, {
+                "params": state.params, "model_state": state.model_state,
+                "optimizer": {"step": state.step, "opt_state": state.opt_state}},
+                "this run's state", hint="; was the student, LoRA or optimizer config changed? "
+                "Use a new run.output_dir")
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(**self._restore_items(state, shardings,
@@ -228,6 +278,9 @@ def restore_params(output_dir: str | pathlib.Path, params_template: Any,
         for bad, problem in damaged.items():
             log.warning("checkpoint %d in %s is damaged (%s); evaluating checkpoint %d, the "
                         "newest verified one", bad, directory, problem, candidate)
+        _check_fits(directory, candidate, {"params": params_template,
+                                         "model_state": model_state_template},
+                    "the student of this config")
         items = dict(params=ocp.args.StandardRestore(_abstract(params_template)))
         if jax.tree.leaves(model_state_template):
             items["model_state"] = ocp.args.StandardRestore(_abstract(model_state_template))
