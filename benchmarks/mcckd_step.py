@@ -34,7 +34,7 @@ CHUNK_SIZE = int(os.environ.get("MCCKD_BENCH_CHUNK", "256"))  # tokens per cross
 
 
 def synthetic_batch(questions: int, views: int, length: int, span: int, vocab: int) -> dict:
-    """A batch in the layout of DESIGN.md: prompt 64 tokens, answer span near each end."""
+    """A batch in the layout of the batch contract (README): prompt 64 tokens, answer span near each end."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, vocab, (questions, views, length)).astype(np.int32)
     loss_mask = np.ones((questions, views, length), bool)

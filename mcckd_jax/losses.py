@@ -195,8 +195,8 @@ def _exact_consistency_kl(span_logits_BKSV, span_mask_BS, rationale_mask_BK, tem
     p_BKSV = jnp.where(valid_BK11, jnp.exp(logp_BKSV), 0.0)
 
     # sum_{i<j} <P_i - P_j, log P_i - log P_j> = n * sum_i <P_i - mean P, log P_i - mean log P>.
-    # This centred form of DESIGN.md's O(K) identity avoids the cancellation between the two
-    # large entropy-like terms of the uncentred one when the views nearly agree.
+    # This centred form of the O(K) identity avoids the cancellation between the two large
+    # entropy-like terms of the uncentred one when the views nearly agree.
     views_B11 = jnp.maximum(num_views_B, 1.0)[:, None, None]
     p_mean_BSV = jnp.sum(p_BKSV, axis=1) / views_B11
     logp_mean_BSV = jnp.sum(logp_BKSV, axis=1) / views_B11
@@ -337,8 +337,9 @@ def mcc_kd_loss(hidden: Array, output_weight: Array, targets: Array, loss_mask: 
                 formulation: ConsistencyFormulation = "exact") -> tuple[Array, dict[str, Array]]:
     """CE over all rationale tokens + alpha * answer-span consistency KL.
 
-    The fields follow the batch contract of DESIGN.md. Full-vocabulary logits are never built
-    for the cross-entropy when chunk_size is set; the KL projects only the span positions.
+    The fields follow the batch contract (README, "The batch contract"). Full-vocabulary
+    logits are never built for the cross-entropy when chunk_size is set; the KL projects only
+    the span positions.
 
     Args:
       hidden: [B, K, L, D] final hidden states of the student (compute dtype).

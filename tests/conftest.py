@@ -34,9 +34,14 @@ mcckd_network_guard.install()
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Compilation dominates test time on CPU; a persistent cache makes reruns cheap.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("MCCKD_JAX_CACHE", str(REPO_ROOT / ".jax_cache")))
+# Compilation dominates test time on CPU; a persistent cache makes reruns cheap, and the
+# environment variables share it with the mcckd-train/mcckd-eval processes the tests start,
+# which compile the same tiny students again and again (down to their parameter initialisers,
+# a fifth of a second each, hence no minimum compile time for them).
+_CACHE_DIR = os.environ.get("MCCKD_JAX_CACHE", str(REPO_ROOT / ".jax_cache"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -56,6 +61,32 @@ def shared_data() -> pathlib.Path:
             pytest.fail(f"{reason}; MCCKD_REQUIRE_SHARED=1 makes this an error")
         pytest.skip(reason)
     return data
+
+
+@pytest.fixture(scope="session")
+def inputs(shared_data, tmp_path_factory):
+    """(prepared SVAMP teacher sample, the test tokenizer's folder): what the tiny LLaMA runs
+    of the command-line tests train on (`cli_testing.train_command`)."""
+    import data_testing
+    from mcckd_jax.data import prepare, selection
+
+    folder = tmp_path_factory.mktemp("train_inputs")
+    prepare.prepare_files(shared_data / data_testing.SVAMP_SAMPLE, folder / "svamp.jsonl",
+                          prepare.PrepareConfig(task="svamp", selection=selection.SelectionConfig(
+                              num_rationales=4)))
+    return folder / "svamp.jsonl", data_testing._t5_tokenizer_dir(str(shared_data))
+
+
+@pytest.fixture(scope="session")
+def t5_run(inputs, tmp_path_factory):
+    """(output folder, output) of a 3-step tiny T5 run through mcckd-train (checkpoints at
+    steps 2 and 3), shared by the training and the evaluation tests."""
+    from cli_testing import finish, start
+
+    output_dir = tmp_path_factory.mktemp("t5_run")
+    output = finish(start(inputs, output_dir, "student.family=t5", "run.steps=3",
+                          "data.pipeline.encoder_bucket_lengths=[64,128]", "--log_level", "INFO"))
+    return output_dir, output
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Float64 NumPy references for mcckd_jax.losses, written as explicit loops.
 
-They follow the definitions in DESIGN.md ("Losses") term by term: no O(K) identity, no
-vectorised masking, so that they share no structure with the code under test.
+They follow the definitions of the method (README, "The method") term by term: no O(K)
+identity, no vectorised masking, so that they share no structure with the code under test.
 """
 
 import itertools

@@ -119,3 +119,19 @@ def test_several_runs_overlay_with_their_names(tmp_path, capsys):
     assert evals == {"b: dev (during training)": ([2], [0.25])}
     _, evals = cli.run_curves(first)
     assert set(evals) == {"dev", "test"}
+
+
+def test_every_panel_names_its_y_axis_and_runs_with_one_name_are_told_apart(tmp_path):
+    runs = [_run(tmp_path / "seed_0"), _run(tmp_path / "seed_1")]  # both end in "run"
+    labels = cli.run_labels(runs)
+    assert labels == ["seed_0/run", "seed_1/run"]
+    train = {label: cli.run_curves(run, label)[0] for label, run in zip(labels, runs)}
+    evals = {}
+    for label, run in zip(labels, runs):
+        evals.update(cli.run_curves(run, label)[1])
+    drawing = cli.figure(train, evals, " vs ".join(labels))
+    assert [axes.get_ylabel() for axes in drawing.axes] == [
+        "CE + alpha * KL (nats)", "nats per rationale token", "nats per answer token",
+        "accuracy (greedy, share of questions)"]
+    legend = [text.get_text() for text in drawing.axes[0].get_legend().get_texts()]
+    assert legend == labels

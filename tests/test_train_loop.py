@@ -6,85 +6,43 @@ Real data: the SVAMP teacher sample from ../shared, prepared by mcckd-prepare's 
 the test's own sentencepiece tokenizer and a tiny LLaMA trained from scratch.
 """
 
-import json
 import math
-import os
-import pathlib
 import signal
 import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
-import data_testing
-from mcckd_jax.data import prepare, selection
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 6
+from cli_testing import (STEPS, environment, finish, flip_bytes, losses, losses_if_any,
+                         metrics_steps, start, wait_for)
 
 
 @pytest.fixture(scope="module")
-def inputs(shared_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train_inputs")
-    prepare.prepare_files(shared_data / data_testing.SVAMP_SAMPLE, folder / "svamp.jsonl",
-                          prepare.PrepareConfig(task="svamp",
-                                                selection=selection.SelectionConfig(num_rationales=4)))
-    tokenizer = data_testing._t5_tokenizer_dir(str(shared_data))
-    return folder / "svamp.jsonl", tokenizer
-
-
-def command(inputs, output_dir, *extra):
-    data, tokenizer = inputs
-    return [sys.executable, "-m", "mcckd_jax.cli.train", str(REPO_ROOT / "configs" / "tiny.yaml"),
-            f"data.train_files=[{data}]", f"data.tokenizer={tokenizer}",
-            "student.architecture.vocab_size=1000", f"run.output_dir={output_dir}",
-            f"run.steps={STEPS}", "run.checkpoint_every=2", "run.progress_bar=false",
-            "run.async_checkpoints=false", *extra]
-
-
-def environment(devices=8, **extra):
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MCCKD_NUM_PROC")}
-    return {**inherited, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu",  # the repository before conftest's network guard
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-            **extra}
-
-
-def start(inputs, output_dir, *extra, env=None):
-    return subprocess.Popen(command(inputs, output_dir, *extra), env=env or environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process, timeout=300) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-def losses(output_dir) -> dict[int, float]:
-    """The loss of every step in metrics.jsonl (a resumed step: its latest record)."""
-    lines = (pathlib.Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
-
-
-def wait_for(predicate, process, timeout=240):
-    deadline = time.time() + timeout
-    while not predicate():
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"condition not reached; output:\n{process.communicate()[0][-3000:]}")
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(inputs, tmp_path_factory):
+def uninterrupted_with_output(inputs, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
-    finish(start(inputs, output_dir))
+    output = finish(start(inputs, output_dir))
     result = losses(output_dir)
     assert sorted(result) == list(range(1, STEPS + 1))
+    return output_dir, result, output
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_with_output):
+    output_dir, result, _ = uninterrupted_with_output
     return output_dir, result
+
+
+@pytest.mark.slow
+def test_the_default_output_is_what_a_user_acts_on(uninterrupted_with_output):
+    output_dir, _, output = uninterrupted_with_output
+    # Orbax's INFO lines (a hundred per short run), JAX's backend probing and the compiled
+    # memory report belong to --log_level INFO; warnings and the closing line stay.
+    for noise in (" INFO ", "absl", "Unable to initialize backend", "compiled step"):
+        assert noise not in output, output[-3000:]
+    assert "WARNING mcckd_jax.train.loop: the length limits" in output
+    assert output.strip().splitlines()[-1] == (
+        f"trained to step {STEPS}: checkpoints in {output_dir}/checkpoints, metrics in "
+        f"{output_dir}/metrics.jsonl")
 
 
 @pytest.mark.slow
@@ -115,26 +73,6 @@ def test_kill_9_after_a_checkpoint_resumes_with_identical_losses(inputs, uninter
     process.wait()
     finish(start(inputs, tmp_path))
     assert losses(tmp_path) == expected
-
-
-def flip_bytes(item_dir: pathlib.Path) -> pathlib.Path:
-    """XORs 400 bytes in the middle of the largest data file under `item_dir` (a bad disk or a
-    torn copy: the file keeps its size); returns the file. Orbax's commit markers are not data:
-    for the Grain item this picks the iterator state itself."""
-    target = max((p for p in item_dir.rglob("*")
-                  if p.is_file() and p.name != "commit_success.txt"),
-                 key=lambda p: p.stat().st_size)
-    data = bytearray(target.read_bytes())
-    middle = len(data) // 2
-    for i in range(max(0, middle - 200), min(len(data), middle + 200)):
-        data[i] ^= 0x5A
-    target.write_bytes(bytes(data))
-    return target
-
-
-def metrics_steps(output_dir) -> list[int]:
-    lines = (pathlib.Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
 
 
 @pytest.mark.slow
@@ -176,11 +114,6 @@ def test_two_processes_of_four_devices_reproduce_one_process_of_eight(inputs, un
         assert got[step] == pytest.approx(expected[step], rel=1e-5)
 
 
-def losses_if_any(output_dir) -> dict[int, float]:
-    path = pathlib.Path(output_dir) / "metrics.jsonl"
-    return losses(output_dir) if path.exists() else {}
-
-
 @pytest.mark.slow
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(inputs, uninterrupted,
                                                                      tmp_path):
@@ -201,11 +134,10 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(inputs, un
 
 
 @pytest.mark.slow
-def test_the_t5_student_trains_through_the_same_command(inputs, tmp_path):
-    output = finish(start(inputs, tmp_path, "student.family=t5", "run.steps=3",
-                          "data.pipeline.encoder_bucket_lengths=[64,128]"))
+def test_the_t5_student_trains_through_the_same_command(t5_run):
+    output_dir, output = t5_run
     assert "encoder_tokens" in output  # the compiled step saw the encoder-decoder batch
-    result = losses(tmp_path)
+    result = losses(output_dir)
     assert sorted(result) == [1, 2, 3]
     # T5's initialisation (unit-variance embeddings) starts far above ln(vocab); it must fall.
     assert all(map(math.isfinite, result.values())) and result[3] < result[1]

@@ -9,11 +9,11 @@ import sys
 import pytest
 
 import hf_reference as ref
-from test_train_loop import REPO_ROOT, environment, inputs  # noqa: F401
+from cli_testing import REPO_ROOT, environment
 
 
 @pytest.mark.slow
-def test_smollm2_config_trains_on_real_data(inputs, shared_data, tmp_path):  # noqa: F811
+def test_smollm2_config_trains_on_real_data(inputs, shared_data, tmp_path):
     data, _ = inputs  # prepared SVAMP teacher rationales
     dev = shared_data / "mcckd_format" / "SVAMP" / "dev.json"
     command = [sys.executable, "-m", "mcckd_jax.cli.train",

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from mcckd_jax.cli import process
 from mcckd_jax.demo import dataset, problems, stories, tokenizer
 
 TOKENIZER_FOLDER = "tokenizer"
@@ -111,6 +112,7 @@ def write_demo_data(out_dir: str | os.PathLike, config: dataset.DemoDataConfig,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    process.go_offline()
     try:
         config = dataset.DemoDataConfig(
             train=args.train, dev=args.dev, test=args.test,

@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_questions", type=int, help="only the first N of each file")
     parser.add_argument("--no_progress_bar", action="store_true")
-    parser.add_argument("--log_level", default="INFO")
+    parser.add_argument("--log_level", default="WARNING",
+                        help="Python logging level (INFO: which checkpoint, where results go)")
     return parser
 
 

@@ -27,7 +27,10 @@ from typing import Any
 
 from mcckd_jax.files import write_atomically
 
-TRAIN_PANELS = (("loss", "loss"), ("ce", "cross-entropy"), ("kl", "consistency KL"))
+# (metrics.jsonl field, panel title, y-axis label); the losses are natural-log units (nats).
+TRAIN_PANELS = (("loss", "loss", "CE + alpha * KL (nats)"),
+                ("ce", "cross-entropy", "nats per rationale token"),
+                ("kl", "consistency KL", "nats per answer token"))
 FIGURE_INCHES = (10.0, 7.5)
 DPI = 100  # with FIGURE_INCHES: a 1000 x 750 PNG
 
@@ -105,7 +108,7 @@ def _curve(points: Mapping[int, float]) -> Curve:
 def train_curves(path: pathlib.Path) -> dict[str, Curve]:
     """Per panel metric, its values by step. A resumed run logs some steps twice; the later
     record wins, as it belongs to the run that continued."""
-    fields = [field for field, _ in TRAIN_PANELS]
+    fields = [field for field, _, _ in TRAIN_PANELS]
     points: dict[str, dict[int, float]] = {field: {} for field in fields}
     for _, row in read_jsonl(path, {"step": "step"}, fields):
         for field in fields:
@@ -123,10 +126,11 @@ def eval_curves(path: pathlib.Path) -> dict[str, Curve]:
     return {dataset: _curve(values) for dataset, values in sorted(points.items())}
 
 
-def _draw_train(axes, title: str, curves: Mapping[str, Curve]) -> None:
+def _draw_train(axes, title: str, ylabel: str, curves: Mapping[str, Curve]) -> None:
     """One line per run (labelled when there are several)."""
     axes.set_title(title)
     axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
     drawn = {label: curve for label, curve in curves.items() if curve[0]}
     if not drawn:
         axes.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axes.transAxes)
@@ -146,6 +150,7 @@ def _draw_train(axes, title: str, curves: Mapping[str, Curve]) -> None:
 def _draw_eval(axes, curves: Mapping[str, Curve]) -> None:
     axes.set_title("eval accuracy")
     axes.set_xlabel("step")
+    axes.set_ylabel("accuracy (greedy, share of questions)")
     if not curves:
         axes.text(0.5, 0.5, "no eval metrics", ha="center", va="center",
                   transform=axes.transAxes)
@@ -158,9 +163,8 @@ def _draw_eval(axes, curves: Mapping[str, Curve]) -> None:
     axes.legend()
 
 
-def plot(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve],
-         out: pathlib.Path, title: str) -> None:
-    """Writes the four-panel PNG to `out` through a temporary file and a rename.
+def figure(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve], title: str):
+    """The four-panel matplotlib Figure.
 
     Args:
       train: run label -> metric -> curve.
@@ -168,14 +172,20 @@ def plot(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve],
     """
     from matplotlib.figure import Figure  # Slow import; a Figure needs no pyplot state.
 
-    figure = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
-    grid = figure.subplots(2, 2)
-    for axes, (field, label) in zip(grid.flat, TRAIN_PANELS):
-        _draw_train(axes, label, {run: curves[field] for run, curves in train.items()})
+    drawing = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
+    grid = drawing.subplots(2, 2)
+    for axes, (field, panel, ylabel) in zip(grid.flat, TRAIN_PANELS):
+        _draw_train(axes, panel, ylabel, {run: curves[field] for run, curves in train.items()})
     _draw_eval(grid.flat[3], evals)
-    figure.suptitle(title)
+    drawing.suptitle(title)
+    return drawing
+
+
+def plot(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve],
+         out: pathlib.Path, title: str) -> None:
+    """Writes the four-panel PNG (`figure`) to `out` through a temporary file and a rename."""
     png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=DPI)
+    figure(train, evals, title).savefig(png, format="png", dpi=DPI)
     write_atomically(out, png.getvalue())
 
 
@@ -194,6 +204,17 @@ def run_curves(run_dir: pathlib.Path, label: str = "") -> tuple[dict[str, Curve]
     return train, evals
 
 
+def run_labels(run_dirs: Sequence[pathlib.Path]) -> list[str]:
+    """The shortest path endings that tell the runs apart: "mcckd", "alpha0"; or
+    "seed_0/mcckd", "seed_1/mcckd" when the last parts repeat."""
+    parts = [run.resolve().parts for run in run_dirs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(run) for run in run_dirs]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mcckd-plot", description="Plot runs' loss, CE, KL "
                                      "and eval accuracy into one PNG (several runs overlay).")
@@ -205,14 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dirs = [pathlib.Path(run) for run in args.run_dirs]
     out = pathlib.Path(args.out) if args.out else run_dirs[0] / "metrics.png"
     several = len(run_dirs) > 1
+    labels = run_labels(run_dirs) if several else [str(run_dirs[0])]
     try:
         train, evals = {}, {}
-        for run_dir in run_dirs:
-            label = run_dir.name if several else ""
-            train[label or str(run_dir)], run_evals = run_curves(run_dir, label)
+        for run_dir, label in zip(run_dirs, labels):
+            train[label], run_evals = run_curves(run_dir, label if several else "")
             evals.update(run_evals)
-        plot(train, evals, out, title=" vs ".join(run.name if several else str(run)
-                                                  for run in run_dirs))
+        plot(train, evals, out, title=" vs ".join(labels))
     except (MetricsError, OSError) as error:
         print(f"mcckd-plot: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

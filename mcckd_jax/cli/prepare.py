@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from mcckd_jax.cli import process
 from mcckd_jax.data import answers, prepare, records, selection
 
 # The report's counts printed as one JSON line on success.
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    process.go_offline()
     try:
         config = prepare.PrepareConfig(
             task=args.task,

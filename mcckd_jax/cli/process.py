@@ -23,9 +23,12 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFL
 
 
 def go_offline() -> None:
-    """Tells the Hugging Face libraries of this process never to reach a hub."""
+    """Tells the Hugging Face libraries of this process never to reach a hub, and transformers
+    to keep its advice to itself ("PyTorch was not found...": this package uses transformers
+    for tokenizers and configs only, which need no PyTorch)."""
     for name in OFFLINE_VARIABLES:
         os.environ[name] = "1"
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def setup_logging(level: str) -> None:

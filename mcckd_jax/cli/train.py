@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: mcckd-train configs/tiny.yaml run.steps=20 objective.alpha=0.5")
     parser.add_argument("config", help="YAML experiment config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    parser.add_argument("--log_level", default="INFO", help="Python logging level")
+    parser.add_argument("--log_level", default="WARNING",
+                        help="Python logging level (INFO: data report, compiled memory, restores)")
     args = parser.parse_args(argv)
     process.go_offline()
     try:

@@ -1,7 +1,8 @@
 """Multi-CoT data: records and readers, answers, selection, prepare, tokenization, Grain pipelines.
 
-Data flow (DESIGN.md): `records` reads raw teacher rationales, `answers` extracts final answers,
-`selection` keeps correct, distinct, diverse ones, `prepare` writes the prepared JSONL;
+Data flow (README, "Architecture"): `records` reads raw teacher rationales, `answers`
+extracts final answers, `selection` keeps correct, distinct, diverse ones, `prepare` writes the
+prepared JSONL;
 `tokenization` and `spans` encode it for a tokenizer and locate the answer span, `batching`
 builds the batch-contract arrays and `pipeline` serves them through Grain.
 

@@ -1,6 +1,6 @@
 """Batch-contract arrays from encoded questions (pure numpy, no Grain, no JAX).
 
-Train batches follow DESIGN.md's batch contract:
+Train batches follow the batch contract (README, "The batch contract"):
 
 | field | shape | dtype | meaning |
 | --- | --- | --- | --- |

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -24,6 +24,13 @@ from mcckd_jax.train.config import TrainConfig
 from mcckd_jax.train.loop import load_run_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def summary_line(step: int, name: str, summary: Mapping[str, Any]) -> str:
+    """The line mcckd-eval prints for one dataset at one step."""
+    return (f"step {step} {name} ({summary['role']}): accuracy {summary['accuracy']:.1%} "
+            f"({summary['correct']}/{summary['questions']}), no answer "
+            f"{summary['missing_rate']:.1%}")
 
 
 class EvalSession:
@@ -79,9 +86,8 @@ class EvalSession:
         if self.run_dir is not None:
             reports.write_tensorboard(self.run_dir, step, metrics["datasets"])
         for name, summary in metrics["datasets"].items():
-            log.info("step %d %s (%s): accuracy %.4f (%d/%d), no answer %.4f", step, name,
-                     summary["role"], summary["accuracy"], summary["correct"],
-                     summary["questions"], summary["missing_rate"])
+            print(summary_line(step, name, summary), flush=True)
+        log.info("step %d: predictions and metrics in %s", step, self.output_dir / f"step_{step}")
         return metrics
 
     def evaluate_checkpoint(self, step: int | None = None) -> dict[str, Any] | None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import os
 import pathlib
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -95,8 +97,7 @@ def _gguf_tensors(file: pathlib.Path, stack: contextlib.ExitStack) -> Iterator[t
     del stack
     # transformers dequantizes the whole file (one host copy); its name mapping needs a model,
     # and one on the meta device costs nothing.
-    hf_config = transformers.AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name,
-                                                        local_files_only=True)
+    hf_config = _gguf_config(file)
     auto = (transformers.AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder
             else transformers.AutoModelForCausalLM)
     with torch.device("meta"):
@@ -133,11 +134,7 @@ def read_hf_config(path: str | pathlib.Path, gguf_file: str | None = None) -> di
     """The config.json dict of a checkpoint directory, or the config stored in a GGUF file."""
     path = _existing(path, gguf_file)
     if gguf_file is not None or path.suffix == ".gguf":
-        import transformers
-
-        file = path / gguf_file if gguf_file else path
-        return transformers.AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name,
-                                                       local_files_only=True).to_dict()
+        return _gguf_config(path / gguf_file if gguf_file else path).to_dict()
     config_file = (path if path.is_dir() else path.parent) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no such file (a checkpoint directory holds "
@@ -146,6 +143,24 @@ def read_hf_config(path: str | pathlib.Path, gguf_file: str | None = None) -> di
         return json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{config_file}: not a JSON config ({error})") from None
+
+
+def _gguf_config(file: pathlib.Path):
+    """The transformers config stored in a GGUF file (do not modify it: it is shared)."""
+    stat = file.stat()
+    return _gguf_config_cached(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config_cached(file: str, size: int, mtime_ns: int):
+    """Keyed by size and modification time too, so that a rewritten file is read again.
+    Reading the metadata parses the whole header (the vocabulary included): seconds per call,
+    and loading a student asks for the config three times."""
+    del size, mtime_ns
+    import transformers
+
+    folder, name = os.path.split(file)
+    return transformers.AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
 
 
 def _existing(path: str | pathlib.Path, gguf_file: str | None) -> pathlib.Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from flax import nnx
 
 from mcckd_jax import sharding

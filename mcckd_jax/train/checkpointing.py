@@ -256,8 +256,9 @@ def restore_params(output_dir: str | pathlib.Path, params_template: Any,
       IncompatibleCheckpoint: it does not fit the templates.
     """
     directory = pathlib.Path(output_dir).absolute() / "checkpoints"
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            read_only=True)) as manager:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no checkpoint")
+    with ocp.CheckpointManager(directory) as manager:
         available = sorted(manager.all_steps(), reverse=True)
         if not available:
             raise FileNotFoundError(f"{directory}: no checkpoint")

@@ -119,8 +119,8 @@ def global_batch(local: Mapping[str, np.ndarray], batch_sharding: NamedSharding)
 class _CompiledSteps:
     """One AOT-compiled executable per batch shape, with its memory analysis logged."""
 
-    def __init__(self, jitted, logger: MetricsLogger):
-        self.jitted, self.logger, self.executables = jitted, logger, {}
+    def __init__(self, jitted):
+        self.jitted, self.executables = jitted, {}
 
     def __call__(self, state, batch):
         key = tuple(sorted((name, value.shape) for name, value in batch.items()))
@@ -128,9 +128,8 @@ class _CompiledSteps:
             compiled = self.jitted.lower(state, batch).compile()
             memory = compiled.memory_analysis()
             if memory is not None:
-                self.logger.message(
-                    f"compiled step for {dict(key)}: temp {memory.temp_size_in_bytes / 2**30:.2f} "
-                    f"GiB, arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB")
+                log.info("compiled step for %s: temp %.2f GiB, arguments %.2f GiB", dict(key),
+                         memory.temp_size_in_bytes / 2**30, memory.argument_size_in_bytes / 2**30)
             self.executables[key] = compiled
             host_memory.release_free_heap()  # the compiler's freed heap, before the step runs
         return self.executables[key](state, batch)
@@ -206,16 +205,20 @@ def train(config: TrainConfig) -> TrainResult:
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     logger = MetricsLogger(run.output_dir, total_steps=run.steps, start_step=start,
                            progress_bar=run.progress_bar, tensorboard=run.tensorboard)
+    if start:
+        logger.message(f"resumed from checkpoint {start} in {checkpointer.directory}")
     preemption = _Preemption()
     previous_handler = signal.signal(signal.SIGTERM, preemption)
     records_out: list[dict] = []
     try:
         with sharding.activate(mesh, rules):
             compiled = _CompiledSteps(jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                                              out_shardings=(shardings, None), donate_argnums=0),
-                                      logger)
+                                              out_shardings=(shardings, None), donate_argnums=0))
             records_out = _loop(run, state, iterator, compiled, batch_sharding, checkpointer,
                                 logger, preemption, start, dev, config.dev_eval.every)
+        if preemption.signal is None:
+            logger.message(f"trained to step {run.steps}: checkpoints in "
+                           f"{checkpointer.directory}, metrics in {run.output_dir}/metrics.jsonl")
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         checkpointer.wait()

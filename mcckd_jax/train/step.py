@@ -1,7 +1,8 @@
 """The pure train step `(state, batch) -> (state, metrics)` of MCC-KD.
 
-The loss of DESIGN.md through `mcckd_jax.losses`: a chunked cross-entropy over all K
-rationales from hidden states, and the consistency KL from logits at the span positions only.
+The MCC-KD loss (README, "The method") through `mcckd_jax.losses`: a chunked cross-entropy
+over all K rationales from hidden states, and the consistency KL from logits at the span
+positions only.
 Gradient accumulation is exact: each micro-batch's CE and KL are weighted by its share of the
 whole batch's token and question counts, which the masks give before any forward pass.
 

@@ -18,18 +18,16 @@ import pytest
 
 from mcckd_jax.data import records
 from mcckd_jax.eval import scoring
-from test_train_loop import (command, environment, finish, flip_bytes, inputs,  # noqa: F401
-                             wait_for)
+from cli_testing import REPO_ROOT, environment, finish, flip_bytes, train_command, wait_for
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUESTIONS = 12
 EVAL_FLAGS = ["--max_questions", str(QUESTIONS), "--max_new_tokens", "12", "--batch_size", "8",
               "--no_progress_bar"]
 
 
-def train_command(inputs, output_dir, steps, *extra):  # noqa: F811
-    """test_train_loop's command (checkpoints every 2 steps) for `steps` steps."""
-    return command(inputs, output_dir, f"run.steps={steps}", *extra)  # the last value wins
+def train_for(inputs, output_dir, steps, *extra):
+    """The tiny run's command (checkpoints every 2 steps) for `steps` steps."""
+    return train_command(inputs, output_dir, f"run.steps={steps}", *extra)  # the last wins
 
 
 def eval_command(source, *extra):
@@ -50,9 +48,9 @@ def svamp(shared_data):
 
 
 @pytest.fixture(scope="module")
-def trained_run(inputs, tmp_path_factory):  # noqa: F811
+def trained_run(inputs, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("eval_run") / "run"
-    run(train_command(inputs, output_dir, 4))
+    run(train_for(inputs, output_dir, 4))
     return output_dir
 
 
@@ -91,15 +89,17 @@ def test_a_checkpoint_is_evaluated_by_a_separate_process(trained_run, svamp):
 
 
 @pytest.mark.slow
-def test_the_initial_student_is_step_zero(inputs, svamp, tmp_path):  # noqa: F811
+def test_the_initial_student_is_step_zero(inputs, svamp, tmp_path):
     data, tokenizer = inputs
     _, test = svamp
     output = run(eval_command(REPO_ROOT / "configs" / "tiny.yaml", f"data.tokenizer={tokenizer}",
                               "student.architecture.vocab_size=1000", f"run.output_dir={tmp_path}",
                               "--test", str(test), "--log_level", "INFO"))
-    # The INFO line of each dataset's result reaches stderr (absl's root handler, installed
-    # when Orbax is imported, once swallowed every line below WARNING).
-    assert " INFO mcckd_jax.eval.session: step 0 test (test): accuracy " in output
+    # Each dataset's result is printed; with --log_level INFO the INFO lines reach stderr too
+    # (absl's root handler, installed when Orbax is imported, once swallowed them).
+    [summary] = [line for line in output.splitlines() if line.startswith("step 0 test (test):")]
+    assert summary.startswith("step 0 test (test): accuracy ") and ", no answer " in summary
+    assert " INFO mcckd_jax.eval.session: step 0: predictions and metrics in " in output
     assert " INFO absl" not in output  # Orbax's own chatter stays out at INFO
     metrics = json.loads((tmp_path / "eval" / "step_0" / "metrics.json").read_text())
     assert metrics["settings"]["source"] == "initial student: random init (seed 0)"
@@ -107,11 +107,11 @@ def test_the_initial_student_is_step_zero(inputs, svamp, tmp_path):  # noqa: F81
 
 
 @pytest.mark.slow
-def test_watch_evaluates_checkpoints_as_they_appear_and_stops_at_the_last(inputs, svamp,  # noqa: F811
+def test_watch_evaluates_checkpoints_as_they_appear_and_stops_at_the_last(inputs, svamp,
                                                                           tmp_path):
     _, test = svamp
     run_dir = tmp_path / "run"
-    run(train_command(inputs, run_dir, 2))
+    run(train_for(inputs, run_dir, 2))
     # The watcher is told the run will go to step 4; step 4 is written only after it has
     # evaluated step 2, so it must notice a checkpoint that appears while it waits.
     watcher = subprocess.Popen(eval_command(run_dir, "run.steps=4", "--test", str(test),
@@ -120,7 +120,7 @@ def test_watch_evaluates_checkpoints_as_they_appear_and_stops_at_the_last(inputs
                                stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: (run_dir / "eval" / "step_2" / "metrics.json").exists(), watcher)
     assert not (run_dir / "checkpoints" / "4").exists()
-    run(train_command(inputs, run_dir, 4))
+    run(train_for(inputs, run_dir, 4))
     finish(watcher, timeout=240)
     steps = [json.loads(line)["step"]
              for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
@@ -196,7 +196,7 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_an_unwritable_output_dir_and_a_foreign_tokenizer_are_one_line_errors(  # noqa: F811
+def test_an_unwritable_output_dir_and_a_foreign_tokenizer_are_one_line_errors(
         inputs, svamp, tmp_path):
     _, tokenizer = inputs
     _, test = svamp
@@ -215,10 +215,10 @@ def test_an_unwritable_output_dir_and_a_foreign_tokenizer_are_one_line_errors(  
 
 
 @pytest.mark.slow
-def test_training_measures_dev_accuracy_as_mcckd_eval_does(inputs, svamp, tmp_path):  # noqa: F811
+def test_training_measures_dev_accuracy_as_mcckd_eval_does(inputs, svamp, tmp_path):
     dev, _ = svamp
     run_dir = tmp_path / "run"
-    run(train_command(inputs, run_dir, 4, "data.pipeline.batch_size=8",
+    run(train_for(inputs, run_dir, 4, "data.pipeline.batch_size=8",
                       f"dev_eval.files=[{dev}]", "dev_eval.every=2", "dev_eval.batch_size=8",
                       f"dev_eval.max_questions={QUESTIONS}", "dev_eval.max_new_tokens=12",
                       "run.checkpoint_every=1", "run.keep_checkpoints=1"))
@@ -260,12 +260,10 @@ def test_two_processes_write_the_outputs_of_one(trained_run, svamp, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_t5_student_is_evaluated_from_its_checkpoint(inputs, svamp, tmp_path):  # noqa: F811
+def test_a_t5_student_is_evaluated_from_its_checkpoint(t5_run, svamp, tmp_path):
     _, test = svamp
-    run(train_command(inputs, tmp_path, 2, "student.family=t5",
-                      "data.pipeline.encoder_bucket_lengths=[64,128]"))
-    run(eval_command(tmp_path, "--test", f"svamp={test}"))
-    metrics = json.loads((tmp_path / "eval" / "step_2" / "metrics.json").read_text())
-    rows = check_predictions(tmp_path / "eval" / "step_2" / "svamp", test,
-                             metrics["datasets"]["svamp"])
+    run_dir, _ = t5_run
+    run(eval_command(run_dir, "--test", f"svamp={test}", "--output_dir", str(tmp_path)))
+    metrics = json.loads((tmp_path / "step_3" / "metrics.json").read_text())
+    rows = check_predictions(tmp_path / "step_3" / "svamp", test, metrics["datasets"]["svamp"])
     assert len(rows) == QUESTIONS
