@@ -6,8 +6,11 @@ Each case runs in a fresh interpreter: logging and the Hugging Face environment 
 process-wide, and the order of imports is what is under test.
 """
 
+import os
 import subprocess
 import sys
+
+from mcckd_jax.cli import process
 
 # Makes transformers believe PyTorch is not installed, as on a machine with only this package.
 WITHOUT_TORCH = """
@@ -19,8 +22,12 @@ importlib.util.find_spec = (
 
 
 def python(code: str) -> subprocess.CompletedProcess:
+    # Without the variables go_offline sets: commands run in-process by other tests (their
+    # main()) leave them in this process's environment, which subprocesses inherit.
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*process.OFFLINE_VARIABLES, "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
 def test_info_lines_of_ours_show_after_a_root_handler_was_installed_and_others_stay_quiet():
