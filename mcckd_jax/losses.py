@@ -79,14 +79,22 @@ def _chunk_nll_and_grads(hidden_CD, weight_DV, targets_C, weights_C, with_grads:
     return nll_sum, hidden_grad_CD, weight_grad_DV
 
 
+def _unless_masked(weights_C, compute, zeros):
+    """compute() for a chunk with a token to learn from, zeros() without running it: a chunk of
+    prompt or padding positions costs no vocabulary-sized matmul."""
+    return jax.lax.cond(jnp.any(weights_C != 0), compute, zeros)
+
+
 @jax.custom_vjp
 def _chunked_nll_sum(hidden_JCD: Array, weight_DV: Array, targets_JC: Array,
                      weights_JC: Array) -> Array:
     """Sum over all chunks and tokens of weight * -log p(target); float32 scalar."""
     def one_chunk(nll_sum, chunk):
         hidden_CD, targets_C, weights_C = chunk
-        chunk_nll, _, _ = _chunk_nll_and_grads(hidden_CD, weight_DV, targets_C, weights_C,
-                                               with_grads=False)
+        chunk_nll = _unless_masked(
+            weights_C, lambda: _chunk_nll_and_grads(hidden_CD, weight_DV, targets_C, weights_C,
+                                                    with_grads=False)[0],
+            lambda: jnp.zeros((), jnp.float32))
         return nll_sum + chunk_nll, None
 
     nll_sum, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32),
@@ -101,8 +109,11 @@ def _chunked_nll_sum_fwd(hidden_JCD, weight_DV, targets_JC, weights_JC):
     def one_chunk(carry, chunk):
         nll_sum, weight_grad_DV = carry
         hidden_CD, targets_C, weights_C = chunk
-        chunk_nll, hidden_grad_CD, chunk_weight_grad_DV = _chunk_nll_and_grads(
-            hidden_CD, weight_DV, targets_C, weights_C, with_grads=True)
+        chunk_nll, hidden_grad_CD, chunk_weight_grad_DV = _unless_masked(
+            weights_C, lambda: _chunk_nll_and_grads(hidden_CD, weight_DV, targets_C, weights_C,
+                                                    with_grads=True),
+            lambda: (jnp.zeros((), jnp.float32), jnp.zeros(hidden_CD.shape, jnp.float32),
+                     jnp.zeros(weight_DV.shape, jnp.float32)))
         return (nll_sum + chunk_nll, weight_grad_DV + chunk_weight_grad_DV), hidden_grad_CD
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(weight_DV.shape, jnp.float32))
@@ -120,16 +131,33 @@ def _chunked_nll_sum_bwd(residuals, nll_sum_cotangent):
 _chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
 
 
+def _chunk_layout(shape: tuple[int, ...], chunk_size: int) -> tuple[int, int, int, bool]:
+    """(rows R, positions per row P, chunks J, by_position) for hidden states of `shape`[:-1].
+
+    With a position axis ([..., L, D], rows = the leading dimensions) a chunk is a block of
+    consecutive positions of every row; otherwise ([N, D]) chunks are strided."""
+    if len(shape) >= 3:
+        rows, positions = int(np.prod(shape[:-2])), shape[-2]
+        block = max(1, chunk_size // rows)
+        return rows, positions, -(-positions // block), True
+    num_tokens = int(np.prod(shape[:-1]))
+    return num_tokens, 1, max(1, -(-num_tokens // chunk_size)), False
+
+
 def chunked_token_cross_entropy(hidden: Array, output_weight: Array, targets: Array, mask: Array,
                                 chunk_size: int = 1024) -> tuple[Array, Array]:
     """`token_cross_entropy(hidden @ output_weight, targets, mask)` without materialising logits.
 
-    The N = prod(hidden.shape[:-1]) tokens are cut into ceil(N / chunk_size) chunks, and only
-    one chunk's float32 logits ([C, V] instead of [N, V]) exist at a time. Under
-    differentiation a custom VJP computes each chunk's gradients in the same pass as its loss.
+    The tokens are cut into chunks of about chunk_size, and only one chunk's float32 logits
+    ([C, V] instead of [N, V]) exist at a time. Under differentiation a custom VJP computes each
+    chunk's gradients in the same pass as its loss. A chunk without any masked-in token (all
+    prompt or padding) is skipped at run time: no logits, no matmul.
 
-    Chunks are strided (token t belongs to chunk t mod J), so a batch dimension that is
-    sharded stays sharded inside every chunk and each device works on its share.
+    Layout. With a position axis, hidden [..., L, D], a chunk is a block of consecutive
+    positions of every row (rows: the leading dimensions), so that prompt positions, which
+    come first in every row, and trailing padding make whole chunks to skip. With hidden
+    [N, D], token t belongs to chunk t mod J. Either way a sharded leading (batch) dimension
+    stays sharded inside every chunk and each device works on its share.
 
     Args:
       hidden: [..., D] final hidden states (after the final norm), compute dtype.
@@ -143,26 +171,28 @@ def chunked_token_cross_entropy(hidden: Array, output_weight: Array, targets: Ar
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     model_dim = hidden.shape[-1]
-    num_tokens = int(np.prod(hidden.shape[:-1]))
-    num_chunks = max(1, -(-num_tokens // chunk_size))
-    tokens_per_chunk = -(-num_tokens // num_chunks)
-    padding = num_chunks * tokens_per_chunk - num_tokens
+    rows, positions, num_chunks, by_position = _chunk_layout(hidden.shape, chunk_size)
+    per_chunk = -(-positions // num_chunks) if by_position else -(-rows // num_chunks)
+    weights = mask.astype(jnp.float32).reshape(rows, positions)
+    targets = jnp.where(weights != 0, targets.reshape(rows, positions), 0)
+    hidden = hidden.reshape(rows, positions, model_dim)
+    if by_position:  # [R, P] -> [J, R * C/R]: position block j of every row
+        padding = num_chunks * per_chunk - positions
 
-    weights_N = mask.astype(jnp.float32).reshape(num_tokens)
-    targets_N = jnp.where(weights_N != 0, targets.reshape(num_tokens), 0)
-    hidden_ND = hidden.reshape(num_tokens, model_dim)
-    if padding:
-        hidden_ND = jnp.pad(hidden_ND, ((0, padding), (0, 0)))
-        targets_N = jnp.pad(targets_N, (0, padding))
-        weights_N = jnp.pad(weights_N, (0, padding))
+        def to_chunks(x):
+            x = jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
+            x = x.reshape(rows, num_chunks, per_chunk, *x.shape[2:])
+            return jnp.moveaxis(x, 1, 0).reshape(num_chunks, rows * per_chunk, *x.shape[3:])
+    else:  # [N, 1] -> [J, C]: token t in chunk t mod J
+        padding = num_chunks * per_chunk - rows
 
-    def to_chunks(x):  # [N, ...] -> [J, C, ...] with token t in chunk t mod J
-        x = x.reshape(tokens_per_chunk, num_chunks, *x.shape[1:])
-        return jnp.moveaxis(x, 1, 0)
+        def to_chunks(x):
+            x = jnp.pad(x[:, 0], [(0, padding)] + [(0, 0)] * (x.ndim - 2))
+            return jnp.moveaxis(x.reshape(per_chunk, num_chunks, *x.shape[1:]), 1, 0)
 
-    nll_sum = _chunked_nll_sum(to_chunks(hidden_ND), output_weight, to_chunks(targets_N),
-                               to_chunks(weights_N))
-    token_count = jnp.sum(weights_N)
+    nll_sum = _chunked_nll_sum(to_chunks(hidden), output_weight, to_chunks(targets),
+                               to_chunks(weights))
+    token_count = jnp.sum(weights)
     return nll_sum / jnp.maximum(token_count, 1.0), token_count
 
 

@@ -117,6 +117,33 @@ def test_chunked_cross_entropy_equals_plain(chunk_size):
     np.testing.assert_allclose(float(chunked_value), expected, rtol=1e-5)
 
 
+def test_chunks_of_prompt_and_padding_positions_are_skipped():
+    # 6 rows x 8 positions, chunk_size 12: chunks are blocks of 2 positions of every row.
+    # Positions 0-3 (the prompt) and 6-7 (padding) carry no loss: their 3 chunks must not run.
+    # NaN there is the witness: a computed chunk would turn the loss into NaN (NaN * 0 weight).
+    rng = np.random.default_rng(4)
+    hidden = rng.normal(size=(2, 3, 8, 16)).astype(np.float32)
+    weight = jnp.asarray(rng.normal(scale=0.3, size=(16, 33)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 33, size=(2, 3, 8)))
+    mask = np.zeros((2, 3, 8), bool)
+    mask[..., 4:6] = rng.random((2, 3, 2)) < 0.8
+    mask[0, 0, 4] = True  # every kept block has a token
+    poisoned = hidden.copy()
+    poisoned[..., :4, :] = np.nan
+    poisoned[..., 6:, :] = np.nan
+
+    def chunked(h, w):
+        return losses.chunked_token_cross_entropy(h, w, targets, jnp.asarray(mask), 12)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(chunked, (0, 1)))(jnp.asarray(poisoned), weight)
+    expected, _ = ref.token_cross_entropy(
+        hidden.astype(np.float64) @ np.asarray(weight, np.float64), targets, mask)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    hidden_grad = np.asarray(grads[0])
+    assert np.all(hidden_grad[..., :4, :] == 0) and np.all(hidden_grad[..., 6:, :] == 0)
+    assert np.all(np.isfinite(np.asarray(grads[1])))
+
+
 def test_chunked_cross_entropy_bfloat16_close_to_plain():
     rng = np.random.default_rng(3)
     hidden = jnp.asarray(rng.normal(size=(4, 9, 16)), jnp.bfloat16)

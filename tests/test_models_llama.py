@@ -177,10 +177,11 @@ def test_remat_policies_give_the_same_gradients(mesh):
         with sharding.activate(mesh):
             return jax.jit(jax.grad(loss))(params)
 
-    plain, full = grads("none"), grads("full")
-    for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(full)):
-        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()),
-                                   rtol=1e-5, atol=1e-8, err_msg=str(path))
+    plain = grads("none")
+    for policy in ("full", "mlp"):
+        for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(grads(policy))):
+            np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                       rtol=1e-5, atol=1e-8, err_msg=f"{policy} {path}")
 
 
 def test_bfloat16_compute_stays_close_to_float32(mesh):

@@ -10,6 +10,8 @@ reader needs no dedupe. The TensorBoard check parses the event file's records by
 import json
 import struct
 
+import pytest
+
 from tensorboardX.proto import event_pb2
 
 from mcckd_jax.train.metrics import MetricsLogger
@@ -19,7 +21,8 @@ def log_steps(output_dir, steps, start_step=0, tensorboard=False):
     logger = MetricsLogger(output_dir, total_steps=10, start_step=start_step, progress_bar=False,
                            tensorboard=tensorboard)
     for step in steps:
-        logger.log(step, {"loss": float(step), "param_norm": 1.0}, tokens=100.0 * step)
+        logger.log(step, {"loss": float(step), "param_norm": 1.0}, positions=100.0 * step,
+                   loss_tokens=30.0 * step)
     logger.close()
 
 
@@ -40,7 +43,7 @@ def test_a_resumed_run_keeps_one_line_per_step(tmp_path):
 def test_evaluation_lines_of_replayed_steps_go_too(tmp_path):
     logger = MetricsLogger(tmp_path, total_steps=10, progress_bar=False, tensorboard=False)
     for step in (1, 2):
-        logger.log(step, {"loss": 1.0}, tokens=1.0)
+        logger.log(step, {"loss": 1.0}, positions=1.0, loss_tokens=1.0)
         logger.log_eval(step, {"dev_accuracy": 0.5})
     logger.close()
     log_steps(tmp_path, [2], start_step=1)
@@ -63,3 +66,13 @@ def test_tensorboard_purges_the_replayed_steps(tmp_path):
     starts = [e.step for e in event_records(events_file)
               if e.HasField("session_log") and e.session_log.status == e.session_log.START]
     assert starts == [4]
+
+
+def test_positions_and_loss_tokens_per_second_share_one_clock(tmp_path):
+    # 100 positions and 30 loss tokens per step: the two rates are in that ratio, whatever
+    # the time between calls.
+    log_steps(tmp_path, range(1, 4))
+    for record in jsonl(tmp_path):
+        assert record["positions_per_second"] > 0
+        assert record["positions_per_second"] / record["loss_tokens_per_second"] == \
+            pytest.approx(100 / 30)

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mcckd_jax.models import layers
 from mcckd_jax.models.attention import cached_attention, causal_mask, dot_product_attention
@@ -49,7 +50,7 @@ class LlamaConfig:
     initializer_range: float = 0.02  # stddev of the normal initialiser
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
-    remat_policy: str = "none"  # gradient checkpointing per layer: none, full, dots, dots_saveable
+    remat_policy: str = "none"  # per-layer remat: none, full, mlp, dots, dots_saveable
     lora: layers.LoRAConfig | None = None  # low-rank adapters; None trains every weight
 
     def __post_init__(self):
@@ -191,7 +192,8 @@ class LlamaAttention(nnx.Module):
         key = constrain(apply_rotary(key, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         scale = self.head_dim ** -0.5
         if cached_kv is None:
-            out = dot_product_attention(query, key, value, mask_BLS, scale=scale)
+            # Without a cache the mask is causal over one sequence (LlamaModel.__call__).
+            out = dot_product_attention(query, key, value, mask_BLS, scale=scale, causal=True)
         else:
             key, value = write_slots(cached_kv, key, value, cache_start)
             out = cached_attention(query, key, value, mask_BLS, scale=scale)
@@ -213,7 +215,10 @@ class LlamaMLP(nnx.Module):
                                        lora=layers.lora_for("down_proj", lora), **common)
 
     def __call__(self, x_BLD):
-        hidden_BLF = jax.nn.silu(self.gate_proj(x_BLD)) * self.up_proj(x_BLD)
+        # Named for remat_policy "mlp", which keeps these two (the costliest matmuls to redo).
+        gate_BLF = checkpoint_name(self.gate_proj(x_BLD), "mlp_gate")
+        up_BLF = checkpoint_name(self.up_proj(x_BLD), "mlp_up")
+        hidden_BLF = jax.nn.silu(gate_BLF) * up_BLF
         hidden_BLF = constrain(hidden_BLF, ("act_batch", "act_length", "act_mlp"))
         return self.down_proj(hidden_BLF)
 

@@ -69,7 +69,7 @@ class StudentConfig:
     architecture: dict[str, Any] = dataclasses.field(default_factory=dict)  # HF config fields set on the preset
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype (float32 master weights with bf16 compute)
-    remat_policy: str = "none"  # none, full, dots, dots_saveable
+    remat_policy: str = "none"  # none, full, mlp (LLaMA: keep gate/up), dots, dots_saveable
     lora: LoRAConfig | None = None  # adapters; None trains every weight
     init_seed: int = 0  # seed of a random initialisation (and of fresh LoRA adapters)
 

@@ -52,7 +52,7 @@ class T5Config:
     initializer_factor: float = 1.0  # scales Hugging Face's initialiser stddevs
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
-    remat_policy: str = "none"  # gradient checkpointing per block: none, full, dots, dots_saveable
+    remat_policy: str = "none"  # per block: none, full, mlp (= full: nothing named), dots, ...
     lora: layers.LoRAConfig | None = None  # adapters; target names "q", "k", "v", "o", "wi_0", ...
 
     def __post_init__(self):

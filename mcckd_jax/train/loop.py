@@ -22,7 +22,8 @@ from mcckd_jax import config as config_lib
 from mcckd_jax import files, host_memory, sharding
 from mcckd_jax.data import pipeline, records, tokenization
 from mcckd_jax.models import pretrained
-from mcckd_jax.train import checkpointing, optimizer, state as train_state, step as train_step
+from mcckd_jax.train import checkpointing, compilation, optimizer, state as train_state
+from mcckd_jax.train import step as train_step
 from mcckd_jax.train.config import TrainConfig
 from mcckd_jax.train.dev_eval import DevEvaluator
 from mcckd_jax.train.metrics import MetricsLogger
@@ -125,7 +126,7 @@ class _CompiledSteps:
     def __call__(self, state, batch):
         key = tuple(sorted((name, value.shape) for name, value in batch.items()))
         if key not in self.executables:
-            compiled = self.jitted.lower(state, batch).compile()
+            compiled = compilation.compile_train_step(self.jitted, state, batch)
             memory = compiled.memory_analysis()
             if memory is not None:
                 log.info("compiled step for %s: temp %.2f GiB, arguments %.2f GiB", dict(key),
@@ -229,23 +230,25 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _loop(run, state, iterator, compiled, batch_sharding, checkpointer, logger, preemption,
           start: int, dev: DevEvaluator | None, dev_every: int) -> list[dict]:
-    logged, pending, tokens_seen = [], None, 0.0
+    logged, pending, positions_seen = [], None, 0.0
+    loss_tokens_seen = [0.0]  # from each step's metrics (the global count, every process)
 
     def flush(pending):
-        step, metrics_device, tokens = pending
+        step, metrics_device, positions = pending
         metrics = {k: float(v) for k, v in jax.device_get(metrics_device).items()}
         _check_finite(step, metrics, checkpointer)
+        loss_tokens_seen[0] += metrics["ce_tokens"]
         if step % run.log_every == 0 or step == run.steps:
-            logged.append(logger.log(step, metrics, tokens))
+            logged.append(logger.log(step, metrics, positions, loss_tokens_seen[0]))
         return metrics
 
     for step in range(start + 1, run.steps + 1):
         batch = global_batch(next(iterator), batch_sharding)
-        tokens_seen += float(np.prod(batch["tokens"].shape))
+        positions_seen += float(np.prod(batch["tokens"].shape))
         state, metrics_device = compiled(state, batch)
         if pending is not None:
             flush(pending)  # step n-1's metrics, fetched after step n is dispatched
-        pending = (step, metrics_device, tokens_seen)
+        pending = (step, metrics_device, positions_seen)
         evaluate = dev is not None and (step % dev_every == 0 or step == run.steps)
         due = (step % run.checkpoint_every == 0 or step == run.steps or preemption.requested
                or evaluate)

@@ -47,7 +47,8 @@ class MetricsLogger:
         self.enabled = jax.process_index() == 0
         self.output_dir = pathlib.Path(output_dir)
         self._bar = self._jsonl = self._tensorboard = None
-        self._last_time, self._last_tokens = time.perf_counter(), 0.0
+        self._last_time = time.perf_counter()
+        self._last_positions = self._last_loss_tokens = 0.0
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -64,14 +65,23 @@ class MetricsLogger:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                                   dynamic_ncols=True)
 
-    def log(self, step: int, metrics: Mapping[str, float], tokens: float) -> dict[str, float]:
-        """Records the metrics of `step` (1-based, after the update) plus tokens/s since the
-        previous call; returns the record."""
+    def log(self, step: int, metrics: Mapping[str, float], positions: float,
+            loss_tokens: float) -> dict[str, float]:
+        """Records the metrics of `step` (1-based, after the update) and the throughput since
+        the previous call; returns the record.
+
+        Args:
+          positions: positions computed since the run started (padding and prompts included:
+            what the accelerator works on).
+          loss_tokens: rationale tokens learned from since the run started (loss_mask).
+        """
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                  "tokens_per_second": (tokens - self._last_tokens) / elapsed, "time": time.time()}
-        self._last_time, self._last_tokens = now, tokens
+                  "positions_per_second": (positions - self._last_positions) / elapsed,
+                  "loss_tokens_per_second": (loss_tokens - self._last_loss_tokens) / elapsed,
+                  "time": time.time()}
+        self._last_time, self._last_positions, self._last_loss_tokens = now, positions, loss_tokens
         if not self.enabled:
             return record
         self._jsonl.write(json.dumps(record) + "\n")
@@ -83,7 +93,9 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix({**{k: f"{record[k]:.4g}" for k in _BAR_FIELDS if k in record},
-                                   "tok/s": f"{record['tokens_per_second']:.0f}"}, refresh=False)
+                                   "pos/s": f"{record['positions_per_second']:.0f}",
+                                   "loss tok/s": f"{record['loss_tokens_per_second']:.0f}"},
+                                  refresh=False)
             self._bar.refresh()
         return record
 
