@@ -93,7 +93,7 @@ def run_jax(prompt_BL, mask_BL, new_tokens: int, calls: int) -> dict:
     from mcckd_jax import sharding
     from mcckd_jax.data.batching import bucket_for
     from mcckd_jax.eval.decoding import SamplingConfig, generate
-    from mcckd_jax.models import llama
+    from mcckd_jax.models import decoder, llama
 
     batch, length = prompt_BL.shape
     padded = bucket_for(length, range(BUCKET, 8192 + BUCKET, BUCKET))
@@ -101,7 +101,7 @@ def run_jax(prompt_BL, mask_BL, new_tokens: int, calls: int) -> dict:
     mask_BL = np.pad(mask_BL, ((0, 0), (padded - length, 0)))
     mesh = sharding.make_mesh((-1, 1, 1))
     with sharding.activate(mesh):
-        model = llama.LlamaModel(llama.smollm2_135m(), rngs=nnx.Rngs(0))
+        model = decoder.DecoderModel(llama.smollm2_135m(), rngs=nnx.Rngs(0))
         sampling = SamplingConfig(max_new_tokens=new_tokens)
 
         def call():

@@ -91,7 +91,6 @@ def run_torch(batch: dict, steps: int) -> float:
 
 def run_jax(batch: dict, steps: int, remat: str) -> tuple[float, float]:
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from mcckd_jax import sharding
     from mcckd_jax.models import pretrained
@@ -107,7 +106,7 @@ def run_jax(batch: dict, steps: int, remat: str) -> tuple[float, float]:
     objective = train_step.ObjectiveConfig(chunk_size=CHUNK_SIZE)
     step_fn = train_step.make_train_step(graphdef, tx, objective,
                                          optimizer.learning_rate_schedule(config, 1000))
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch_sharding = sharding.batch_sharding(mesh)
     arrays = jax.device_put(batch, batch_sharding)
     with sharding.activate(mesh):
         # As the training loop compiles it (train/compilation.py: the CPU options included).

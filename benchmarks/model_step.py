@@ -77,12 +77,12 @@ def run_jax(batch: int, length: int, steps: int, chunked: bool) -> dict:
     from flax import nnx
 
     from mcckd_jax import losses, sharding
-    from mcckd_jax.models import llama
+    from mcckd_jax.models import decoder, llama
 
     mesh = sharding.make_mesh((-1, 1, 1))
     config = llama.smollm2_135m()
     with sharding.activate(mesh):
-        model = llama.LlamaModel(config, rngs=nnx.Rngs(0))
+        model = decoder.DecoderModel(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, config.vocab_size)
     targets = jnp.roll(tokens, -1, axis=1)

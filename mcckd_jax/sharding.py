@@ -1,8 +1,13 @@
-"""Device mesh and the logical-to-mesh axis rules.
+"""Device mesh, the logical-to-mesh axis rules, and the sharding of batches and states.
 
 Models name every parameter and block-boundary activation axis with a logical name
 (`embed`, `vocab`, `heads`, `act_batch`, ...); this module alone maps those names onto the
-mesh axes ("data", "fsdp", "tensor"). Nothing in `models/` or `losses.py` names a mesh axis.
+mesh axes ("data", "fsdp", "tensor"), and it alone names a mesh axis: the train loop, the
+evaluation and the checkpoints ask it for batch shardings, state shardings and the
+data-parallel size.
+
+A batch's rows (questions) are split over "data" x "fsdp" (FSDP devices each hold a slice of
+the weights but compute on their own rows); parameters are split over "fsdp" x "tensor".
 """
 
 from __future__ import annotations
@@ -10,23 +15,26 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over
+MODEL_AXES = ("fsdp", "tensor")  # the mesh axes that split parameters
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 # Each logical name maps to a mesh axis, a tuple of them, or None (replicated). Parameters are
 # split over "fsdp" along embed and over "tensor" along heads/mlp/vocab; activations keep the
-# batch split over ("data", "fsdp").
+# batch split over BATCH_AXES.
 DEFAULT_RULES: LogicalRules = (
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", BATCH_AXES),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -112,3 +120,59 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         divides = size % math.prod(mesh.shape[name] for name in names) == 0
         spec.append(axes if divides else PartitionSpec.UNCONSTRAINED)
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch's rows are split (the product of the BATCH_AXES sizes)."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def is_model_parallel(mesh: Mesh) -> bool:
+    """Whether the parameters are split over more than one device (MODEL_AXES)."""
+    return math.prod(mesh.shape[axis] for axis in MODEL_AXES) > 1
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows (the leading axis) split over BATCH_AXES; every other axis whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch_divides(rows: int, mesh: Mesh, *, what: str) -> None:
+    """Raises a one-line ValueError when a global batch of `rows` rows does not split evenly
+    over the data-parallel devices; `what` names the setting to change (a config field or a
+    flag, with its value)."""
+    size = data_parallel_size(mesh)
+    if rows % size:
+        raise ValueError(f"a global batch of {rows} questions does not split over the mesh's "
+                         f"{' x '.join(BATCH_AXES)} = {size} devices; change {what}")
+
+
+def global_batch(local_tree: Any, mesh_or_sharding: Mesh | NamedSharding) -> Any:
+    """Global arrays from this process's rows of every leaf (numpy, rows first), placed with
+    `batch_sharding(mesh)` or the sharding given. Every process calls it with as many rows of
+    its own; the global arrays hold them all, in process order."""
+    target = (batch_sharding(mesh_or_sharding) if isinstance(mesh_or_sharding, Mesh)
+              else mesh_or_sharding)
+    return jax.tree.map(
+        lambda local: jax.make_array_from_process_local_data(target, np.asarray(local)),
+        local_tree)
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """NamedShardings of every array leaf of `abstract_tree` (an `nnx.eval_shape` or
+    `jax.eval_shape` result, or arrays), from the logical axes its nnx Variables carry; leaves
+    without any (a step counter, an optimizer count, an RNG key) are replicated."""
+    with activate(mesh, rules):
+        specs = nnx.get_partition_spec(abstract_tree)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def abstract_with_shardings(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (a tree of the same
+    structure), or with None each leaf's own `.sharding`: where a restore puts arrays."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)

@@ -21,6 +21,15 @@ def _kl(p, q):
     return float(np.sum(p[nonzero] * (np.log(p[nonzero]) - np.log(q[nonzero]))))
 
 
+def softcap(logits, cap):
+    """cap * tanh(logits / cap) in float64, entry by entry (Gemma 2's final-logit capping)."""
+    logits = np.asarray(logits, np.float64)
+    capped = np.empty_like(logits)
+    for index in np.ndindex(*logits.shape):
+        capped[index] = cap * np.tanh(logits[index] / cap)
+    return capped
+
+
 def token_cross_entropy(logits, targets, mask):
     """(mean nll, count) over positions with mask != 0, weighted by mask."""
     logits = np.asarray(logits, np.float64)

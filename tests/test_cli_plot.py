@@ -135,3 +135,17 @@ def test_every_panel_names_its_y_axis_and_runs_with_one_name_are_told_apart(tmp_
         "accuracy (greedy, share of questions)"]
     legend = [text.get_text() for text in drawing.axes[0].get_legend().get_texts()]
     assert legend == labels
+
+
+def test_the_panels_follow_the_table_of_loss_terms(tmp_path, monkeypatch):
+    assert [field for field, _, _ in cli.TRAIN_PANELS] == ["loss", "ce", "kl"]
+    # One more panel (a fourth training curve) adds a row: three rows of 375 pixels.
+    monkeypatch.setattr(cli, "TRAIN_PANELS", cli.TRAIN_PANELS + (
+        ("argmax_agreement", "argmax agreement", "share of answer tokens"),))
+    run = _run(tmp_path)
+    train, evals = cli.run_curves(run)
+    drawing = cli.figure({"run": train}, evals, "run")
+    assert [axes.get_ylabel() for axes in drawing.axes][3:] == [
+        "share of answer tokens", "accuracy (greedy, share of questions)"]
+    assert cli.main([str(run)]) == 0
+    assert _png_size((run / "metrics.png").read_bytes()) == (1000, 1125)

@@ -17,7 +17,8 @@ from mcckd_jax.cli import demo_data, prepare
 from cli_testing import REPO_ROOT, environment
 
 # Measured per step, not results of the run: they differ from run to run by nature.
-TIMING_FIELDS = {"time", "positions_per_second", "loss_tokens_per_second"}
+TIMING_FIELDS = {"time", "positions_per_second", "loss_tokens_per_second",
+                 "real_tokens_per_second"}
 
 
 def train(data: pathlib.Path, output_dir: pathlib.Path) -> subprocess.Popen:

@@ -25,7 +25,7 @@ from mcckd_jax import sharding
 from mcckd_jax.eval import decoding
 from mcckd_jax.eval.decoding import (SamplingConfig, generate, generate_with_step_count,
                                      greedy_generate)
-from mcckd_jax.models import hf_import, llama, pretrained, t5
+from mcckd_jax.models import decoder, hf_import, llama, pretrained, t5
 
 PAD = 0
 
@@ -185,7 +185,7 @@ def test_sampled_first_tokens_follow_the_tempered_nucleus(mesh):
     temperature, top_p, rows = 0.7, 0.8, 8192
     with sharding.activate(mesh):
         # A large initialiser so that the next-token distribution is far from uniform.
-        model = llama.LlamaModel(llama.tiny(initializer_range=0.3), rngs=nnx.Rngs(3))
+        model = decoder.DecoderModel(llama.tiny(initializer_range=0.3), rngs=nnx.Rngs(3))
         prompts_2L, masks_2L = left_padded_prompts(3, 128, lengths=(6, 3), width=6)
         logits_2V = np.asarray(model.logits(model(jnp.asarray(prompts_2L), positions_BL=jnp.asarray(
             np.maximum(np.cumsum(masks_2L, 1) - 1, 0)), attention_mask_BL=jnp.asarray(masks_2L))))

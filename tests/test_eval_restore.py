@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from mcckd_jax import sharding
 from mcckd_jax.eval import restore
@@ -50,6 +51,11 @@ def test_restored_student_gives_the_trained_logits(lora, tmp_path):
     assert step == 7 and restored.config.lora is None  # adapters merged
     kernel = restored.layers[0].self_attn.q_proj.kernel[...]
     assert kernel.sharding.mesh.shape == eval_mesh.shape
+    if lora is None:  # read straight into the eval mesh's shardings (no merge in between)
+        for path, variable in nnx.to_flat_state(nnx.state(restored, nnx.Param)):
+            want = sharding.logical_to_spec(variable.get_metadata()["out_sharding"],
+                                            sharding.DEFAULT_RULES)
+            assert variable.get_value().sharding == NamedSharding(eval_mesh, want), path
     np.testing.assert_allclose(logits(restored, eval_mesh, tokens_BL), expected, atol=2e-5)
 
 

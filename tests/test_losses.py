@@ -514,3 +514,255 @@ def test_sharded_inputs_give_the_single_device_loss_and_gradients():
     for name in grads:
         np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(expected_grads[name]),
                                    rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# Final-logit soft-capping (Gemma 2: logits = c * tanh((hidden @ W) / c))
+# ------------------------------------------------------------------------------------------
+
+# On logits of standard deviation ~10 (capped_case), a cap of 3 leaves tanh far from linear:
+# the capped loss differs from the uncapped one, and 1 - tanh^2 is far from 1.
+CAP = 3.0
+
+
+def capped_case(seed, shape=(2, 3, 5), model_dim=16, vocab=33, dtype=jnp.float32):
+    """hidden [*shape, D], weight [D, V] with logits of scale ~10, targets and a mask."""
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(*shape, model_dim)), dtype)
+    weight = jnp.asarray(rng.normal(scale=2.5, size=(model_dim, vocab)), dtype)
+    targets = jnp.asarray(rng.integers(0, vocab, size=shape))
+    mask = rng.random(shape) < 0.7
+    mask.flat[0] = True
+    return hidden, weight, targets, jnp.asarray(mask)
+
+
+def capped_full_logits(h, w):
+    """The plain full-logits formulation, written here: float32 projection, then the cap."""
+    logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    return CAP * jnp.tanh(logits / CAP)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_softcapped_chunked_cross_entropy_matches_float64_reference(chunk_size):
+    hidden, weight, targets, mask = capped_case(50)
+    value, count = jax.jit(lambda h, w: losses.chunked_token_cross_entropy(
+        h, w, targets, mask, chunk_size, logit_softcap=CAP))(hidden, weight)
+    logits64 = as_float64(hidden) @ as_float64(weight)
+    expected, expected_count = ref.token_cross_entropy(ref.softcap(logits64, CAP), targets, mask)
+    assert float(count) == expected_count
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    uncapped, _ = ref.token_cross_entropy(logits64, targets, mask)
+    assert abs(uncapped - expected) > 0.5 * expected  # the cap matters at this scale
+
+
+@pytest.mark.parametrize("shape,chunk_size", [((2, 3, 5), 4), ((2, 3, 5), 1000), ((30,), 7)])
+def test_softcapped_chunked_cross_entropy_gradients_equal_autodiff_of_full_logits(shape,
+                                                                                  chunk_size):
+    hidden, weight, targets, mask = capped_case(51, shape)
+
+    def plain(h, w):
+        return losses.token_cross_entropy(capped_full_logits(h, w), targets, mask)[0]
+
+    def chunked(h, w):
+        return losses.chunked_token_cross_entropy(h, w, targets, mask, chunk_size,
+                                                  logit_softcap=CAP)[0]
+
+    want = jax.grad(plain, (0, 1))(hidden, weight)
+    got = jax.jit(jax.grad(chunked, (0, 1)))(hidden, weight)
+    for name, g, w in zip(("hidden", "weight"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                                   atol=1e-6 * float(jnp.max(jnp.abs(w))), err_msg=name)
+
+    # The same value without the tanh derivative (the cap in the forward pass only) gives
+    # gradients far from these: the comparison above can tell.
+    def value_capped_only(h, w):
+        logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        logits = logits + jax.lax.stop_gradient(capped_full_logits(h, w) - logits)
+        return losses.token_cross_entropy(logits, targets, mask)[0]
+
+    for wrong, w in zip(jax.grad(value_capped_only, (0, 1))(hidden, weight), want):
+        assert not np.allclose(np.asarray(wrong), np.asarray(w), rtol=1e-2)
+
+
+def test_softcapped_chunked_cross_entropy_bfloat16_close_to_plain():
+    hidden, weight, targets, mask = capped_case(52, (4, 9), dtype=jnp.bfloat16)
+
+    def plain(h, w):
+        return losses.token_cross_entropy(capped_full_logits(h, w), targets, mask)[0]
+
+    def chunked(h, w):
+        return losses.chunked_token_cross_entropy(h, w, targets, mask, 8, logit_softcap=CAP)[0]
+
+    np.testing.assert_allclose(float(chunked(hidden, weight)), float(plain(hidden, weight)),
+                               rtol=1e-5)
+    for got, want in zip(jax.grad(chunked, (0, 1))(hidden, weight),
+                         jax.grad(plain, (0, 1))(hidden, weight)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(as_float64(got), as_float64(want),
+                                   atol=1e-2 * float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
+
+
+def capped_batch(seed):
+    """random_batch with logits of scale ~10, so that CAP changes every term."""
+    batch = random_batch(seed)
+    batch["output_weight"] = batch["output_weight"] * 8.0
+    return batch
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+@pytest.mark.parametrize("formulation", ["exact", "release"])
+def test_mcc_kd_loss_with_softcap_matches_float64_reference(chunk_size, formulation):
+    batch = capped_batch(53)
+    alpha, temperature = 0.7, 1.3
+    loss, metrics = jax.jit(lambda b: losses.mcc_kd_loss(
+        **b, alpha=alpha, temperature=temperature, chunk_size=chunk_size,
+        formulation=formulation, logit_softcap=CAP))(to_jax(batch))
+
+    hidden32 = np.asarray(jnp.asarray(batch["hidden"], jnp.float32), np.float64)
+    weight32 = np.asarray(jnp.asarray(batch["output_weight"], jnp.float32), np.float64)
+    uncapped_logits = hidden32 @ weight32
+    logits = ref.softcap(uncapped_logits, CAP)
+    ce, _ = ref.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    span_logits = np.empty(batch["span_positions"].shape + (weight32.shape[1],))
+    uncapped_span = np.empty_like(span_logits)
+    for b, k, s in np.ndindex(*batch["span_positions"].shape):
+        span_logits[b, k, s] = logits[b, k, batch["span_positions"][b, k, s]]
+        uncapped_span[b, k, s] = uncapped_logits[b, k, batch["span_positions"][b, k, s]]
+    kl, _ = REFERENCE_KL[formulation](span_logits, batch["span_mask"], batch["rationale_mask"],
+                                      temperature)
+    np.testing.assert_allclose(float(metrics["ce"]), ce, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["kl"]), kl, rtol=2e-5)
+    np.testing.assert_allclose(float(loss), ce + alpha * kl, rtol=1e-5)
+
+    # The span logits themselves, and the cap changing the KL at this scale.
+    got_span = losses.span_logits(to_jax(batch)["hidden"], to_jax(batch)["output_weight"],
+                                  batch["span_positions"], logit_softcap=CAP)
+    np.testing.assert_allclose(np.asarray(got_span), span_logits, rtol=1e-5, atol=1e-5)
+    uncapped_kl, _ = REFERENCE_KL[formulation](uncapped_span, batch["span_mask"],
+                                               batch["rationale_mask"], temperature)
+    assert abs(uncapped_kl - kl) > 0.1 * kl
+
+
+def test_mcc_kd_loss_with_softcap_gradients_equal_autodiff_of_full_logits():
+    batch = to_jax(capped_batch(54))
+    params = {"hidden": batch.pop("hidden"), "output_weight": batch.pop("output_weight")}
+
+    def plain(p):  # written here: full capped logits, then the public loss functions
+        logits_BKLV = capped_full_logits(p["hidden"], p["output_weight"])
+        ce, _ = losses.token_cross_entropy(logits_BKLV, batch["targets"], batch["loss_mask"])
+        span_BKSV = jnp.take_along_axis(logits_BKLV, batch["span_positions"][..., None], axis=2)
+        kl, _ = losses.answer_consistency_kl(span_BKSV, batch["span_mask"],
+                                             batch["rationale_mask"], 1.3)
+        return ce + 0.7 * kl
+
+    def loss(p, chunk_size):
+        return losses.mcc_kd_loss(**p, **batch, alpha=0.7, temperature=1.3,
+                                  chunk_size=chunk_size, logit_softcap=CAP)[0]
+
+    value, want = jax.value_and_grad(plain)(params)
+    for chunk_size in (None, 16):
+        got_value, got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, chunk_size)
+        np.testing.assert_allclose(float(got_value), float(value), rtol=1e-5)
+        for name in params:
+            np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5,
+                                       atol=1e-6 * float(jnp.max(jnp.abs(want[name]))),
+                                       err_msg=f"{name}, chunk_size {chunk_size}")
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0])
+def test_non_positive_softcap_is_an_error(cap):
+    hidden, weight, targets, mask = capped_case(55)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        losses.chunked_token_cross_entropy(hidden, weight, targets, mask, logit_softcap=cap)
+
+
+# ------------------------------------------------------------------------------------------
+# The table of terms
+# ------------------------------------------------------------------------------------------
+
+
+def split_questions(batch, parts):
+    """The batch's questions in `parts` consecutive micro-batches (the weight in each)."""
+    size = len(batch["span_mask"]) // parts
+    return [{k: v if k == "output_weight" else v[i * size:(i + 1) * size]
+             for k, v in batch.items()} for i in range(parts)]
+
+
+@pytest.mark.parametrize("formulation", ["exact", "release"])
+def test_terms_of_micro_batches_add_up_to_the_whole_batch(formulation):
+    batch = to_jax(random_batch(56, num_questions=4))
+    settings = losses.LossSettings(temperature=1.3, formulation=formulation, chunk_size=16)
+    weights = losses.term_weights({"alpha": 0.7})
+    assert weights == {"ce": 1.0, "kl": 0.7}
+    _, expected = losses.mcc_kd_loss(**batch, alpha=0.7, temperature=1.3, chunk_size=16,
+                                     formulation=formulation)
+
+    def micro_sums(params, micro):
+        outputs = losses.student_outputs(params["hidden"], params["output_weight"],
+                                         micro["span_positions"])
+        return losses.evaluate_terms(outputs, micro, settings)
+
+    micros = split_questions(batch, 2)
+    params = {"hidden": batch["hidden"], "output_weight": batch["output_weight"]}
+    sums = jax.tree.map(jnp.add, *[micro_sums({"hidden": m["hidden"],
+                                               "output_weight": m["output_weight"]}, m)
+                                   for m in micros])
+    metrics = losses.term_metrics(sums, weights)
+    for name in ("loss", "ce", "kl", "argmax_agreement", "ce_tokens", "kl_count", "span_tokens"):
+        np.testing.assert_allclose(float(metrics[name]), float(expected[name]), rtol=1e-6,
+                                   err_msg=name)
+
+    # Each term in the loss knows its count from the masks, and weighting each micro-batch by
+    # the whole batch's counts gives the whole batch's gradient.
+    totals = {term.name: term.batch_count(batch, settings)
+              for term in losses.TERMS if term.name in weights}
+    for name, total in totals.items():
+        assert float(total) == float(sums[name][1]), name
+
+    def whole(p):
+        return losses.mcc_kd_loss(**p, **{k: v for k, v in batch.items() if k not in p},
+                                  alpha=0.7, temperature=1.3, chunk_size=16,
+                                  formulation=formulation)[0]
+
+    def accumulated(p):
+        loss = 0.0
+        for i, micro in enumerate(micros):
+            rows = slice(i * 2, (i + 1) * 2)
+            micro_params = {"hidden": p["hidden"][rows], "output_weight": p["output_weight"]}
+            loss += losses.weighted_loss(micro_sums(micro_params, micro), weights, totals)
+        return loss
+
+    want, got = jax.grad(whole)(params), jax.grad(accumulated)(params)
+    for name in params:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+
+
+def test_a_new_term_is_one_function_and_one_weight():
+    def span_logit_square(outputs, batch, settings):  # mean squared span logit, a toy term
+        del settings
+        weights_BKS = (batch["rationale_mask"][:, :, None] & batch["span_mask"][:, None, :])
+        square_BKS = jnp.mean(jnp.square(outputs.span_logits_BKSV), axis=-1)
+        return (jnp.sum(square_BKS * weights_BKS),
+                jnp.sum(weights_BKS.astype(jnp.float32)))
+
+    def span_logit_square_count(batch, settings):
+        del settings
+        return jnp.sum((batch["rationale_mask"][:, :, None]
+                        & batch["span_mask"][:, None, :]).astype(jnp.float32))
+
+    terms = losses.TERMS + (losses.Term("square", "square_count", span_logit_square,
+                                        weight="beta", batch_count=span_logit_square_count),)
+    batch = to_jax(random_batch(57))
+    outputs = losses.student_outputs(batch["hidden"], batch["output_weight"],
+                                     batch["span_positions"])
+    sums = losses.evaluate_terms(outputs, batch, losses.LossSettings(), terms)
+    weights = losses.term_weights({"alpha": 0.7, "beta": 0.1}, terms)
+    metrics = losses.term_metrics(sums, weights, terms)
+    _, plain = losses.mcc_kd_loss(**batch, alpha=0.7)
+    expected_count = np.sum(random_batch(57)["rationale_mask"][:, :, None]
+                            & random_batch(57)["span_mask"][:, None, :])
+    assert float(metrics["square_count"]) == float(span_logit_square_count(batch, None)) == \
+        expected_count
+    np.testing.assert_allclose(float(metrics["loss"]),
+                               float(plain["loss"]) + 0.1 * float(metrics["square"]), rtol=1e-6)

@@ -12,7 +12,7 @@ from flax import nnx
 
 import hf_reference as ref
 from mcckd_jax import sharding
-from mcckd_jax.models import hf_import, layers, llama, pretrained
+from mcckd_jax.models import decoder, hf_import, layers, llama, pretrained
 from mcckd_jax.models.hf_export import export_hf
 
 
@@ -150,7 +150,7 @@ def test_shards_are_read_slice_by_slice(hf_model, mesh):
 
     config = llama.LlamaConfig.from_hf(hf_model.config)
     hf_import.load_named_tensors(
-        lambda: llama.LlamaModel(config, rngs=nnx.Rngs(0)),
+        lambda: decoder.DecoderModel(config, rngs=nnx.Rngs(0)),
         (recording(n, a) for n, a in state.items()), mesh=mesh, hf_prefix="model.",
         hf_unprefixed=("lm_head",), ignored_names=lambda n: n == "lm_head.weight")
     q_reads = [index for name, index in reads if name == "model.layers.0.self_attn.q_proj.weight"]
@@ -166,7 +166,7 @@ def test_mismatched_checkpoints_name_the_tensor(hf_model, mesh):
 
     def load(tensors):
         return hf_import.load_named_tensors(
-            lambda: llama.LlamaModel(config, rngs=nnx.Rngs(0)), tensors.items(), mesh=mesh,
+            lambda: decoder.DecoderModel(config, rngs=nnx.Rngs(0)), tensors.items(), mesh=mesh,
             hf_prefix="model.", hf_unprefixed=("lm_head",),
             ignored_names=lambda n: n == "lm_head.weight")
 

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import hf_reference as ref
 from mcckd_jax import sharding
-from mcckd_jax.models import llama
+from mcckd_jax.models import decoder, llama
 from mcckd_jax.models.rope import RopeConfig
 
 
@@ -146,7 +146,7 @@ def test_config_round_trips_through_the_hf_config():
 def test_parameters_carry_logical_axes_and_are_split_by_the_rules(mesh):
     config = llama.tiny(vocab_size=96)
     with sharding.activate(mesh):
-        model = llama.LlamaModel(config, rngs=nnx.Rngs(0))
+        model = decoder.DecoderModel(config, rngs=nnx.Rngs(0))
     expected = {
         ("embed_tokens", "embedding"): P("tensor", "fsdp"),
         ("layers", 0, "self_attn", "q_proj", "kernel"): P("fsdp", "tensor"),

@@ -22,7 +22,8 @@ from flax import nnx
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from mcckd_jax import sharding
-from mcckd_jax.models import hf_import, layers, pretrained, t5, t5_layers
+from mcckd_jax.eval.decoding import SamplingConfig, generate
+from mcckd_jax.models import hf_import, layers, pretrained, t5, t5_layers, t5_stacks
 from mcckd_jax.models.hf_export import export_hf
 from mcckd_jax.models.attention import causal_mask
 from mcckd_jax.models.hf_names import hf_name
@@ -238,7 +239,7 @@ def test_config_round_trips_through_transformers(tied, feed_forward_proj, tmp_pa
     assert t5.T5Config.from_hf(loaded) == config
     assert t5.T5Config.from_hf(json.loads((tmp_path / "config.json").read_text())) == config
     for field in ("scale_decoder_outputs", "dense_act_fn", "is_gated_act", "num_decoder_layers",
-                  "relative_attention_max_distance", "decoder_start_token_id"):
+                  "relative_attention_max_distance", "decoder_start_token_id", "dropout_rate"):
         assert getattr(loaded, field) == getattr(hf_config, field), field
     shapes = lambda cfg: {k: tuple(v.shape) for k, v in  # noqa: E731
                           transformers.T5ForConditionalGeneration(cfg).state_dict().items()}
@@ -387,6 +388,27 @@ def test_parameters_are_sharded_by_logical_axes(tied, feed_forward_proj, mesh):
     assert ("relative_attention_bias", "embedding") in seen
 
 
+def _masked_ce(model, input_ids, attention_mask, decoder_ids, decoder_mask, targets,
+               deterministic):
+    hidden_BTD = model(input_ids, attention_mask, decoder_ids, decoder_mask,
+                       deterministic=deterministic)
+    log_probs = jax.nn.log_softmax(model.logits(hidden_BTD))
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return -(picked * decoder_mask).sum() / decoder_mask.sum()
+
+
+_value_and_grad = nnx.jit(nnx.value_and_grad(_masked_ce), static_argnums=6)
+
+
+def _loss_and_grads(model, mesh, deterministic=True):
+    """Mean decoder CE on the module's batch and its gradients (an nnx.State)."""
+    targets_BT = np.roll(DECODER_IDS_BT, -1, axis=1)
+    with sharding.activate(mesh):
+        return _value_and_grad(model, *(jnp.asarray(a) for a in (
+            INPUT_IDS_BL, ATTENTION_MASK_BL, DECODER_IDS_BT, DECODER_MASK_BT, targets_BT)),
+            deterministic)
+
+
 def test_gradients_with_remat_match_torch_autograd(mesh):
     """Backward pass through remat'ed blocks equals PyTorch autograd on a masked CE."""
     config = t5.T5Config.from_hf(_hf_config(*FLAGSHIP), remat_policy="full")
@@ -403,15 +425,7 @@ def test_gradients_with_remat_match_torch_autograd(mesh):
     torch.nn.functional.cross_entropy(logits[torch.tensor(valid)],
                                       torch.tensor(targets_BT[valid])).backward()
 
-    def loss(model, input_ids, attention_mask, decoder_ids, decoder_mask, targets):
-        log_probs = jax.nn.log_softmax(model.logits(model(input_ids, attention_mask, decoder_ids,
-                                                          decoder_mask)))
-        picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        return -(picked * decoder_mask).sum() / decoder_mask.sum()
-
-    with sharding.activate(mesh):
-        grads = nnx.jit(nnx.grad(loss))(model, *(jnp.asarray(a) for a in (
-            INPUT_IDS_BL, ATTENTION_MASK_BL, DECODER_IDS_BT, DECODER_MASK_BT, targets_BT)))
+    _, grads = _loss_and_grads(model, mesh)
     torch_grads = {name: p.grad.numpy() for name, p in reference.named_parameters()}
     checked = 0
     for path, grad in nnx.to_flat_state(grads):
@@ -453,3 +467,207 @@ def test_export_loads_in_transformers_and_reimports_with_identical_logits(
     np.testing.assert_array_equal(_hf_outputs(exported)[0], expected)
     reimported = pretrained.load_pretrained(out, mesh=mesh)
     np.testing.assert_array_equal(_run_forward(reimported, mesh)[2], _run_forward(model, mesh)[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanned, rematerialised blocks and dropout
+
+
+def _primitive_count(jaxpr, name: str) -> int:
+    """How many equations named `name` the jaxpr holds, sub-jaxprs (scan, remat, pjit) included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _primitive_count(inner, name)
+    return count
+
+
+def _forward_jaxpr(model, deterministic=True):
+    graphdef, state = nnx.split(model)
+
+    def forward(state):
+        return nnx.merge(graphdef, state)(
+            jnp.asarray(INPUT_IDS_BL), jnp.asarray(ATTENTION_MASK_BL), jnp.asarray(DECODER_IDS_BT),
+            jnp.asarray(DECODER_MASK_BT), deterministic=deterministic)
+    return jax.make_jaxpr(forward)(state).jaxpr
+
+
+def _flat_grads(grads) -> dict:
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grads)}
+
+
+def _assert_same_grads(got: dict, want: dict, rtol: float):
+    assert got.keys() == want.keys()
+    for path, expected in want.items():
+        scale = np.abs(expected).max()
+        assert scale > 0 and np.abs(got[path] - expected).max() <= rtol * scale, path
+
+
+@pytest.mark.parametrize("remat_policy", ["full", "dots", "dots_saveable", "mlp"])
+def test_scanned_blocks_equal_the_loop(remat_policy, mesh):
+    """With a remat policy both stacks run as one scan each, whose logits and gradients equal
+    the unscanned, un-rematerialised loop's."""
+    hf_config = _hf_config(*FLAGSHIP)
+    loop = _load(t5.T5Config.from_hf(hf_config, remat_policy="none"), _reference(*FLAGSHIP), mesh)
+    scanned = _load(t5.T5Config.from_hf(hf_config, remat_policy=remat_policy),
+                    _reference(*FLAGSHIP), mesh)
+    with sharding.activate(mesh):
+        assert _primitive_count(_forward_jaxpr(loop), "scan") == 0
+        assert _primitive_count(_forward_jaxpr(scanned), "scan") == 2  # encoder, decoder
+    # Float32 sums run in another order: a few 1e-6 relative to each output's largest entry.
+    for got, want in zip(_run_forward(scanned, mesh), _run_forward(loop, mesh)):
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    scanned_loss, scanned_grads = _loss_and_grads(scanned, mesh)
+    loop_loss, loop_grads = _loss_and_grads(loop, mesh)
+    np.testing.assert_allclose(float(scanned_loss), float(loop_loss), rtol=1e-6)
+    _assert_same_grads(_flat_grads(scanned_grads), _flat_grads(loop_grads), rtol=1e-5)
+
+
+def test_lora_dropout_keeps_the_loop():
+    lora = layers.LoRAConfig(rank=4, dropout=0.1, target_modules=("q",))
+    assert t5_stacks.scans_blocks(t5.tiny(remat_policy="full"))
+    assert not t5_stacks.scans_blocks(t5.tiny(remat_policy="full", lora=lora))
+    assert not t5_stacks.scans_blocks(t5.tiny(remat_policy="none"))
+
+
+def _dropout_model(mesh, rate, remat_policy="none"):
+    config = t5.T5Config.from_hf(_hf_config(*FLAGSHIP), dropout_rate=rate,
+                                 remat_policy=remat_policy)
+    return _load(config, _reference(*FLAGSHIP), mesh)
+
+
+def test_scanned_blocks_with_dropout_equal_the_loop(mesh):
+    """Dropout keys are split per block outside the scan: the scan draws the loop's masks, and
+    the stream advances once per pass in both."""
+    loop, scanned = _dropout_model(mesh, 0.2), _dropout_model(mesh, 0.2, remat_policy="full")
+    with sharding.activate(mesh):
+        assert _primitive_count(_forward_jaxpr(scanned, deterministic=False), "scan") == 2
+    for _ in range(2):
+        scanned_loss, scanned_grads = _loss_and_grads(scanned, mesh, deterministic=False)
+        loop_loss, loop_grads = _loss_and_grads(loop, mesh, deterministic=False)
+        np.testing.assert_allclose(float(scanned_loss), float(loop_loss), rtol=1e-6)
+        _assert_same_grads(_flat_grads(scanned_grads), _flat_grads(loop_grads), rtol=1e-5)
+    deterministic_loss, _ = _loss_and_grads(loop, mesh)
+    assert abs(float(loop_loss) - float(deterministic_loss)) > 1e-3
+
+
+def test_dropout_rate_round_trips_through_the_config(tmp_path):
+    assert t5.T5Config.from_hf({}).dropout_rate == 0.1  # transformers' default
+    hf_config = _hf_config(*FLAGSHIP)
+    hf_config.dropout_rate = 0.15
+    config = t5.T5Config.from_hf(hf_config)
+    assert config.dropout_rate == 0.15 and config.to_hf()["dropout_rate"] == 0.15
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).dropout_rate == 0.15
+    with pytest.raises(ValueError, match="dropout_rate"):
+        t5.tiny(dropout_rate=1.0)
+
+
+def test_dropout_draws_a_mask_at_every_site_of_transformers(mesh, monkeypatch):
+    """Per stack: the embeddings and the final norm's output; per block: each sublayer's
+    output and its attention probabilities, and the feed-forward's hidden activations; every
+    site with a key of its own."""
+    model = _dropout_model(mesh, 0.1)
+    encoder_sites = 2 + model.config.num_layers * (2 + 2)
+    decoder_sites = 2 + model.config.resolved_num_decoder_layers * (2 + 2 + 2)
+    with sharding.activate(mesh):
+        assert _primitive_count(_forward_jaxpr(model, False), "random_bits") == (
+            encoder_sites + decoder_sites)
+        assert _primitive_count(_forward_jaxpr(model, True), "random_bits") == 0
+        no_dropout = _model(*FLAGSHIP, mesh)
+        assert _primitive_count(_forward_jaxpr(no_dropout, False), "random_bits") == 0
+
+        keys, original = [], t5_layers.dropout
+
+        def recording_dropout(module, x, key):
+            keys.append(tuple(np.asarray(jax.random.key_data(key)).ravel()))
+            return original(module, x, key)
+
+        monkeypatch.setattr(t5_layers, "dropout", recording_dropout)
+        monkeypatch.setattr(t5_stacks, "dropout", recording_dropout)
+        model(*(jnp.asarray(a) for a in (INPUT_IDS_BL, ATTENTION_MASK_BL, DECODER_IDS_BT,
+                                         DECODER_MASK_BT)), deterministic=False)  # eager
+    assert len(keys) == len(set(keys)) == encoder_sites + decoder_sites
+
+
+def test_dropout_zeroes_its_rate_and_rescales_the_rest(mesh):
+    """The encoder output (dropout after the final norm) has about `rate` exact zeros; on
+    attention probabilities (one-hot values and an identity `o` expose them) the kept ones
+    are divided by 1 - rate."""
+    rate = 0.3
+    model = _dropout_model(mesh, rate)
+    with sharding.activate(mesh):
+        encoded = nnx.jit(lambda m, ids, mask: m.encode(ids, mask, deterministic=False))(
+            model, jnp.asarray(INPUT_IDS_BL), jnp.asarray(ATTENTION_MASK_BL))
+    assert abs(float(np.mean(np.asarray(encoded) == 0)) - rate) < 0.05  # 2,560 entries
+
+    config = t5.tiny(dropout_rate=rate)
+    heads, head_dim = config.num_heads, config.d_kv
+    rng = np.random.default_rng(1)
+    x_BTD = jnp.asarray(rng.normal(size=(8, 8, config.d_model)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(8, head_dim, heads, head_dim)), jnp.float32)
+    one_hot_values = jnp.broadcast_to(jnp.eye(head_dim)[None, :, None, :], keys.shape)
+    mask_BTS = jnp.ones((8, 8, head_dim), bool)
+    with sharding.activate(mesh):
+        attention = t5_layers.T5Attention(config, rngs=nnx.Rngs(0))
+        attention.o.kernel.set_value(jnp.eye(heads * head_dim))
+        probs = np.asarray(attention(x_BTD, keys, one_hot_values, mask_BTS))
+        dropped = np.asarray(attention(x_BTD, keys, one_hot_values, mask_BTS,
+                                       dropout_key=jax.random.key(0)))
+    np.testing.assert_allclose(probs.reshape(8, 8, heads, head_dim).sum(-1), 1.0, rtol=1e-5)
+    assert abs(float(np.mean(dropped == 0)) - rate) < 0.04  # 2,048 probabilities
+    kept = dropped != 0
+    np.testing.assert_allclose(dropped[kept], probs[kept] / (1 - rate), rtol=1e-5)
+
+
+def _train_batch():
+    """A train batch of 2 questions x 2 rationales built from the module's arrays."""
+    tokens_BKL = DECODER_IDS_BT.reshape(2, 2, -1)
+    return {"tokens": jnp.asarray(tokens_BKL), "encoder_tokens": jnp.asarray(INPUT_IDS_BL[:2]),
+            "encoder_mask": jnp.asarray(ATTENTION_MASK_BL[:2], bool)}
+
+
+@nnx.jit
+def _batch_hidden(model, batch):
+    return model.batch_hidden(batch)
+
+
+def test_dropout_in_training_follows_the_rng_state(mesh):
+    """`batch_hidden` (the train step's pass) drops; the same RNG state gives the same
+    result, the advanced state another; a rate of 0 leaves the pass exactly as it was."""
+    model = _dropout_model(mesh, 0.1)
+    copies = nnx.clone(model), nnx.clone(model)
+    with sharding.activate(mesh):
+        first, again = (np.asarray(_batch_hidden(copy, _train_batch())) for copy in copies)
+        second = np.asarray(_batch_hidden(model, _train_batch()))
+        third = np.asarray(_batch_hidden(model, _train_batch()))
+        deterministic = np.asarray(nnx.jit(lambda m, b: m.batch_hidden(b, deterministic=True))(
+            model, _train_batch()))
+        off = _model(*FLAGSHIP, mesh)
+        off_hidden = np.asarray(_batch_hidden(off, _train_batch()))
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, second)  # `model` had the copies' RNG state
+    assert np.abs(third - second).max() > 1e-2
+    assert np.abs(first - deterministic).max() > 1e-2
+    np.testing.assert_array_equal(off_hidden, deterministic)
+
+
+def test_evaluation_and_decoding_ignore_dropout(mesh):
+    """A model with dropout_rate > 0 decodes and scores exactly as the same weights without
+    dropout: eval entry points are deterministic by default, decoding always."""
+    dropping, off = _dropout_model(mesh, 0.3), _model(*FLAGSHIP, mesh)
+    np.testing.assert_array_equal(_run_forward(dropping, mesh)[2], _run_forward(off, mesh)[2])
+    tokens, logits = _greedy(dropping, mesh, 8)
+    off_tokens, off_logits = _greedy(off, mesh, 8)
+    np.testing.assert_array_equal(tokens, off_tokens)
+    np.testing.assert_array_equal(logits, off_logits)
+    with sharding.activate(mesh):
+        generated = [np.asarray(generate(m, INPUT_IDS_BL, ATTENTION_MASK_BL,
+                                         sampling=SamplingConfig(max_new_tokens=6),
+                                         eos_token_ids=(1,), pad_token_id=0))
+                     for m in (dropping, off)]
+    np.testing.assert_array_equal(*generated)

@@ -2,7 +2,7 @@
 item file, and nothing is restored from one that fails them.
 
 References: the digests are recomputed here with hashlib over the files on disk; restored
-values are compared with the saved arrays; damage is made by XOR-flipping 400 bytes in the
+values are compared with the saved arrays and their shardings with the requested ones; damage is made by XOR-flipping 400 bytes in the
 middle of one stored file, as a bad disk or a torn copy would.
 """
 
@@ -20,6 +20,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mcckd_jax import sharding
 from mcckd_jax.train import checkpointing, digests
 from mcckd_jax.train.state import TrainState
 
@@ -182,3 +183,43 @@ def test_an_intact_checkpoint_that_does_not_fit_the_state_is_an_error_not_a_fres
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["2", "4"]
     with pytest.raises(checkpointing.IncompatibleCheckpoint, match="unexpected \\['w'\\]"):
         checkpointing.restore_params(run_copy, {"b": template.params["b"]}, {})
+
+
+def test_restore_puts_every_array_where_the_requested_shardings_say(run_copy):
+    # Saved split 2 ways over one axis (and b on one device); restored onto another mesh.
+    mesh = sharding.make_mesh((1, 4, 2))
+    template = make_state(0)
+
+    def requested(leaf):  # matrices over fsdp x tensor, vectors over tensor, scalars whole
+        specs = {2: PartitionSpec("fsdp", "tensor"), 1: PartitionSpec("tensor"),
+                 0: PartitionSpec()}
+        return NamedSharding(mesh, specs[leaf.ndim])
+
+    wanted = jax.tree.map(requested, template)
+    checkpointer = checkpointing.Checkpointer(run_copy, save_every=1)
+    try:
+        restored = checkpointer.restore_latest(template, wanted, iterator(0))
+    finally:
+        checkpointer.close()
+    expected = make_state(4, scale=4)
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+    for got, want, where in zip(jax.tree.leaves(restored), jax.tree.leaves(expected),
+                                jax.tree.leaves(wanted)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == where
+    assert restored.params["w"].addressable_shards[0].data.shape == (16, 32)
+
+
+def test_evaluation_restores_params_into_the_templates_shardings(run_copy):
+    mesh = sharding.make_mesh((2, 2, 2))
+    w_sharding = NamedSharding(mesh, PartitionSpec(None, ("fsdp", "tensor")))
+    b_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    template = sharding.abstract_with_shardings(make_state(0).params,
+                                                {"w": w_sharding, "b": b_sharding})
+    step, params, model_state = checkpointing.restore_params(run_copy, template, {})
+    assert step == 4 and model_state == {}
+    want = make_state(4, scale=4).params
+    for name, where in (("w", w_sharding), ("b", b_sharding)):
+        np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(want[name]))
+        assert params[name].sharding == where
+    assert params["w"].addressable_shards[0].data.shape == (64, 16)

@@ -39,7 +39,7 @@ def test_the_default_output_is_what_a_user_acts_on(uninterrupted_with_output):
     # memory report belong to --log_level INFO; warnings and the closing line stay.
     for noise in (" INFO ", "absl", "Unable to initialize backend", "compiled step"):
         assert noise not in output, output[-3000:]
-    assert "WARNING mcckd_jax.train.loop: the length limits" in output
+    assert "WARNING mcckd_jax.data.run_inputs: the length limits" in output
     assert output.strip().splitlines()[-1] == (
         f"trained to step {STEPS}: checkpoints in {output_dir}/checkpoints, metrics in "
         f"{output_dir}/metrics.jsonl")
@@ -141,20 +141,3 @@ def test_the_t5_student_trains_through_the_same_command(t5_run):
     assert sorted(result) == [1, 2, 3]
     # T5's initialisation (unit-variance embeddings) starts far above ln(vocab); it must fall.
     assert all(map(math.isfinite, result.values())) and result[3] < result[1]
-
-
-def test_length_drops_are_a_warning_with_counts_below_the_limit_and_an_error_above(caplog):
-    from mcckd_jax.train import loop
-    from mcckd_jax.train.config import DataConfig
-
-    report = {"questions_in": 100, "rationales_in": 400,
-              "length_drops": {"questions": 5, "rationales": 80}}  # 5% and 20%
-    with caplog.at_level("WARNING", logger="mcckd_jax.train.loop"):
-        loop._check_length_drops(report, DataConfig())
-    [warning] = [r.getMessage() for r in caplog.records]
-    assert "drop 5 of 100 questions (5%) and 80 of 400 rationales (20%)" in warning
-    report["length_drops"]["rationales"] = 81
-    with pytest.raises(ValueError, match=r"81 of 400 rationales \(20%\), more than "
-                                         r"data.max_length_drop_fraction=0.2"):
-        loop._check_length_drops(report, DataConfig())
-    loop._check_length_drops(report, DataConfig(max_length_drop_fraction=0.25))  # allowed

@@ -14,6 +14,7 @@ import pytest
 
 from tensorboardX.proto import event_pb2
 
+from mcckd_jax.train import metrics as train_metrics
 from mcckd_jax.train.metrics import MetricsLogger
 
 
@@ -76,3 +77,23 @@ def test_positions_and_loss_tokens_per_second_share_one_clock(tmp_path):
         assert record["positions_per_second"] > 0
         assert record["positions_per_second"] / record["loss_tokens_per_second"] == \
             pytest.approx(100 / 30)
+
+
+def test_real_tokens_per_second_and_the_progress_bar(tmp_path):
+    # Per step 100 positions (padding included), 80 real tokens, 30 of them loss tokens.
+    logger = MetricsLogger(tmp_path, total_steps=10, progress_bar=False, tensorboard=False)
+    values = {"loss": 1.5, "ce": 1.0, "kl": 0.5, "argmax_agreement": 0.25,
+              "learning_rate": 1e-3}
+    records = [logger.log(step, values, positions=100.0 * step, loss_tokens=30.0 * step,
+                          real_tokens=80.0 * step) for step in range(1, 4)]
+    logger.close()
+    assert jsonl(tmp_path) == records
+    for record in records:
+        assert record["positions_per_second"] / record["real_tokens_per_second"] == \
+            pytest.approx(100 / 80)
+        assert record["real_tokens_per_second"] / record["loss_tokens_per_second"] == \
+            pytest.approx(80 / 30)
+    postfix = train_metrics._bar_postfix(records[-1])
+    assert list(postfix) == ["loss", "ce", "kl", "learning_rate", "pos/s", "tok/s",
+                             "loss tok/s"]
+    assert postfix["ce"] == "1" and postfix["kl"] == "0.5"

@@ -9,7 +9,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mcckd_jax import losses, sharding
-from mcckd_jax.models import layers, llama, t5
+from mcckd_jax.data import batching
+from mcckd_jax.data.tokenization import EncodedDataset
+from mcckd_jax.models import decoder, gemma2, layers, llama, t5
 from mcckd_jax.train import optimizer as opt
 from mcckd_jax.train import state as train_state
 from mcckd_jax.train import step as train_step
@@ -46,10 +48,13 @@ def random_batch(seed, student, batch=8, views=3, length=12, span=2, vocab=128):
     return out
 
 
+TINY_CONFIGS = {"llama": llama.tiny, "gemma2": gemma2.tiny,
+                "t5": lambda **overrides: t5.tiny(**{"vocab_size": 128, **overrides})}
+
+
 def make_model(student, mesh, **overrides):
-    config = (llama.tiny(**overrides) if student == "llama" else
-              t5.tiny(**{"vocab_size": 128, **overrides}))
-    model_cls = llama.LlamaModel if student == "llama" else t5.T5Model
+    config = TINY_CONFIGS[student](**overrides)
+    model_cls = t5.T5Model if student == "t5" else decoder.DecoderModel
     with sharding.activate(mesh):
         return model_cls(config, rngs=nnx.Rngs(0))
 
@@ -186,3 +191,82 @@ def test_lora_trains_only_the_adapters():
         np.asarray(frozen[("layers", 0, "self_attn", "q_proj", "kernel")].get_value()), base_before)
     b = dict(nnx.to_flat_state(state.params))[("layers", 0, "self_attn", "q_proj", "lora_b")]
     assert np.abs(np.asarray(b.get_value())).max() > 0
+
+
+def _rng_counts(state):
+    return [int(np.asarray(v.get_value())) for path, v in nnx.to_flat_state(state.model_state)
+            if path[-1] == "count"]
+
+
+@pytest.mark.parametrize("student, overrides", [
+    ("t5", dict(dropout_rate=0.2)),
+    ("llama", dict(lora=layers.LoRAConfig(rank=2, alpha=4.0, dropout=0.2)))])
+def test_dropout_trains_reproducibly_and_advances_its_stream(student, overrides):
+    history, state, _ = run_steps(student, (1, 1, 1), num_steps=2, **overrides)
+    again, _, _ = run_steps(student, (2, 2, 2), num_steps=2, **overrides)
+    plain, _, _ = run_steps(student, (1, 1, 1), num_steps=2)
+    assert all(np.isfinite(h["loss"]) for h in history)
+    for got, want in zip(again, history):  # the same masks on every mesh
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    assert abs(history[0]["loss"] - plain[0]["loss"]) > 1e-4  # dropout changed the loss
+    assert _rng_counts(state) and min(_rng_counts(state)) >= 2  # advanced at every step
+
+
+def test_metrics_count_the_real_tokens(reference_run):
+    # random_batch: 21 rationale rows (24 less question 2's third and question 3's last two);
+    # every row's loss runs to position 11 except question 1's three, which end at 8. T5 adds
+    # the encoder tokens: 8 questions x 7, less 2 padding positions of question 0.
+    student, (history, _, _) = reference_run
+    assert history[0]["real_tokens"] == 18 * 12 + 3 * 9 + (8 * 7 - 2 if student == "t5" else 0)
+
+
+@pytest.mark.parametrize("layout", ["decoder_only", "encoder_decoder"])
+def test_real_tokens_of_a_pipeline_batch_are_its_unpadded_sequences(layout):
+    # Question 0: prompt [10 11 12], rationales [20 21 22 EOS], [30 22 EOS]; question 1: prompt
+    # [13], rationale [40 41 42 43 EOS]. Pad 0, which is also T5's decoder start token.
+    data = EncodedDataset(
+        layout=layout, pad_id=0, decoder_start_id=0,
+        prompt_tokens=np.array([10, 11, 12, 13], np.int32), prompt_offsets=np.array([0, 3, 4]),
+        rationale_tokens=np.array([20, 21, 22, 2, 30, 22, 2, 40, 41, 42, 43, 2], np.int32),
+        rationale_offsets=np.array([0, 4, 7, 12]), question_rationales=np.array([0, 2, 3]),
+        span_start=np.array([2, 1, 2]), span_tokens=np.array([22, 42, 43], np.int32),
+        span_offsets=np.array([0, 1, 3]), record_index=np.array([0, 1]))
+    encoder = layout == "encoder_decoder"
+    batch = batching.build_train_batch(data, [1, 0, -1], [[2], [1, 0], []], num_rationales=2,
+                                       length=8, span_length=3,
+                                       encoder_length=5 if encoder else None)
+    # Every input position of every rationale (prompt or decoder start, then the rationale
+    # less its EOS), and on the encoder side each question's prompt.
+    expected = data.sequence_lengths().sum() + (4 if encoder else 0)
+    assert float(train_step.real_token_count(batch)) == expected == 16
+
+
+def test_a_soft_capped_student_learns_from_its_capped_logits():
+    # initializer_range 0.5 gives logits of scale ~3, which a cap of 1 changes a lot.
+    overrides = dict(final_logit_softcapping=1.0, initializer_range=0.5)
+    alpha = 0.5
+    history, state, initial = run_steps(
+        "gemma2", (1, 1, 1), num_steps=1, tx=optax.sgd(1.0),
+        objective=train_step.ObjectiveConfig(alpha=alpha, chunk_size=16), **overrides)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = make_model("gemma2", mesh, **overrides)
+    assert model.final_logit_softcap == 1.0
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(0, "gemma2").items()}
+
+    def plain_loss(p, capped=True):  # the model's own full logits, capped by the model
+        m = nnx.merge(graphdef, p, rest)
+        hidden_BKLD = m.batch_hidden(batch)
+        logits_BKLV = (m.logits(hidden_BKLD) if capped else
+                       layers.project_to_vocab(hidden_BKLD, m.output_weight()))
+        ce, _ = losses.token_cross_entropy(logits_BKLV, batch["targets"], batch["loss_mask"])
+        span_BKSV = jnp.take_along_axis(logits_BKLV, batch["span_positions"][..., None], axis=2)
+        kl, _ = losses.answer_consistency_kl(span_BKSV, batch["span_mask"],
+                                             batch["rationale_mask"])
+        return ce + alpha * kl
+
+    loss, grads = jax.value_and_grad(plain_loss)(params)
+    np.testing.assert_allclose(history[0]["loss"], float(loss), rtol=1e-5)
+    assert abs(float(plain_loss(params, capped=False)) - float(loss)) > 1e-2 * float(loss)
+    expected = jax.tree.map(lambda p, g: np.asarray(p) - np.asarray(g), initial, grads)
+    assert_same_update(state.params, expected, initial)

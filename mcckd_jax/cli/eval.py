@@ -86,6 +86,20 @@ class _Stop:
             time.sleep(min(0.2, seconds))
 
 
+def _configs(args: argparse.Namespace, config_path: pathlib.Path, datasets: tuple):
+    """(the training config of the source, the EvalConfig of the flags)."""
+    from mcckd_jax.eval import decoding, runner
+    from mcckd_jax.train.config import TrainConfig
+
+    train_config = config_lib.load(TrainConfig, config_path, args.overrides)
+    eval_config = runner.EvalConfig(
+        datasets=datasets, batch_size=args.batch_size, num_samples=args.num_samples,
+        sampling=decoding.SamplingConfig(temperature=args.temperature, top_p=args.top_p,
+                                         max_new_tokens=args.max_new_tokens),
+        seed=args.seed, max_questions=args.max_questions, progress_bar=not args.no_progress_bar)
+    return train_config, eval_config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may follow the flags
     process.go_offline()
@@ -101,21 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from mcckd_jax import distributed
     from mcckd_jax.data.records import RecordError
-    from mcckd_jax.eval import decoding, runner
     from mcckd_jax.models.hf_import import CheckpointError
-    from mcckd_jax.train.config import TrainConfig
 
     source = pathlib.Path(args.source)
     is_run = source.is_dir()
-    config_path = source / "config.yaml" if is_run else source
     try:
-        train_config = config_lib.load(TrainConfig, config_path, args.overrides)
-        eval_config = runner.EvalConfig(
-            datasets=datasets, batch_size=args.batch_size, num_samples=args.num_samples,
-            sampling=decoding.SamplingConfig(temperature=args.temperature, top_p=args.top_p,
-                                             max_new_tokens=args.max_new_tokens),
-            seed=args.seed, max_questions=args.max_questions,
-            progress_bar=not args.no_progress_bar)
+        train_config, eval_config = _configs(args, source / "config.yaml" if is_run else source,
+                                             datasets)
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as error:
         print(f"mcckd-eval: {error}", file=sys.stderr)
         return 2

@@ -6,10 +6,11 @@
 Reads RUN_DIR/metrics.jsonl (one JSON object per logged step, written by
 `mcckd_jax.train.metrics`: `step`, `loss`, `ce`, `kl`, ...) and, when present,
 RUN_DIR/eval/metrics.jsonl (mcckd-eval: `step`, `dataset`, `accuracy` per evaluated checkpoint)
-and RUN_DIR/dev_eval/metrics.jsonl (the same, measured during training). Draws four
-panels: loss, cross-entropy, consistency KL, and accuracy per checkpoint, one line per eval
-data set. A bad line ends the run with one line on stderr naming the file, the line and the
-field, exit status 2, and no PNG written.
+and RUN_DIR/dev_eval/metrics.jsonl (the same, measured during training). Draws the loss, one
+panel per loss term that `mcckd_jax.losses.TERMS` gives a panel (cross-entropy, consistency
+KL), and accuracy per checkpoint, one line per eval data set; two panels a row. A bad line ends
+the run with one line on stderr naming the file, the line and the field, exit status 2, and no
+PNG written.
 """
 
 from __future__ import annotations
@@ -26,13 +27,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mcckd_jax.files import write_atomically
+from mcckd_jax.losses import TERMS
+
+
+def _loss_formula() -> str:
+    """The loss as its terms' symbols and weights, e.g. "CE + alpha * KL"."""
+    return " + ".join(term.symbol if term.weight == 1 else f"{term.weight} * {term.symbol}"
+                      for term in TERMS if term.weight is not None)
+
 
 # (metrics.jsonl field, panel title, y-axis label); the losses are natural-log units (nats).
-TRAIN_PANELS = (("loss", "loss", "CE + alpha * KL (nats)"),
-                ("ce", "cross-entropy", "nats per rationale token"),
-                ("kl", "consistency KL", "nats per answer token"))
-FIGURE_INCHES = (10.0, 7.5)
-DPI = 100  # with FIGURE_INCHES: a 1000 x 750 PNG
+TRAIN_PANELS = (("loss", "loss", f"{_loss_formula()} (nats)"),
+                *((term.name, *term.panel) for term in TERMS if term.panel))
+PANEL_INCHES = (5.0, 3.75)  # one of the two panels of a row
+DPI = 100  # with PANEL_INCHES and two rows: a 1000 x 750 PNG
 
 Curve = tuple[list[int], list[float]]  # steps, values
 
@@ -164,7 +172,7 @@ def _draw_eval(axes, curves: Mapping[str, Curve]) -> None:
 
 
 def figure(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve], title: str):
-    """The four-panel matplotlib Figure.
+    """The matplotlib Figure: TRAIN_PANELS, then eval accuracy.
 
     Args:
       train: run label -> metric -> curve.
@@ -172,18 +180,22 @@ def figure(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve],
     """
     from matplotlib.figure import Figure  # Slow import; a Figure needs no pyplot state.
 
-    drawing = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
-    grid = drawing.subplots(2, 2)
-    for axes, (field, panel, ylabel) in zip(grid.flat, TRAIN_PANELS):
+    rows = -(-(len(TRAIN_PANELS) + 1) // 2)
+    drawing = Figure(figsize=(2 * PANEL_INCHES[0], rows * PANEL_INCHES[1]), dpi=DPI,
+                     layout="constrained")
+    grid = drawing.subplots(rows, 2, squeeze=False).ravel()
+    for axes, (field, panel, ylabel) in zip(grid, TRAIN_PANELS):
         _draw_train(axes, panel, ylabel, {run: curves[field] for run, curves in train.items()})
-    _draw_eval(grid.flat[3], evals)
+    _draw_eval(grid[len(TRAIN_PANELS)], evals)
+    for axes in grid[len(TRAIN_PANELS) + 1:]:
+        axes.remove()
     drawing.suptitle(title)
     return drawing
 
 
 def plot(train: Mapping[str, Mapping[str, Curve]], evals: Mapping[str, Curve],
          out: pathlib.Path, title: str) -> None:
-    """Writes the four-panel PNG (`figure`) to `out` through a temporary file and a rename."""
+    """Writes the PNG (`figure`) to `out` through a temporary file and a rename."""
     png = io.BytesIO()
     figure(train, evals, title).savefig(png, format="png", dpi=DPI)
     write_atomically(out, png.getvalue())

@@ -271,10 +271,15 @@ def encode_records(records: Sequence[Record], tokenizer: Any,
         question_rationales=np.asarray(owners, np.int64), span_start=np.asarray(starts, np.int64),
         span_tokens=span_tokens, span_offsets=span_offsets,
         record_index=np.asarray(record_index, np.int64))
-    report = {
+    return dataset, _encoding_report(records, dataset, len(rationales), counts)
+
+
+def _encoding_report(records: Sequence[Record], dataset: EncodedDataset, rationales_out: int,
+                     counts: collections.Counter) -> dict[str, Any]:
+    return {
         "questions_in": len(records), "questions_out": dataset.num_questions,
         "rationales_in": sum(len(r.rationales) for r in records),
-        "rationales_out": len(rationales),
+        "rationales_out": rationales_out,
         "rationale_drops": {reason: counts[reason] for reason in DROP_REASONS},
         "truncated_after_span": counts["truncated"],
         "questions_with_span_disagreement": counts["questions_with_span_disagreement"],
@@ -286,7 +291,6 @@ def encode_records(records: Sequence[Record], tokenizer: Any,
             "questions": counts["prompt_too_long"] + counts["questions_lost_to_max_length"],
             "rationales": counts["rationales_of_long_prompts"] + counts["span_truncated"]},
     }
-    return dataset, report
 
 
 def check_vocabulary(token_arrays: Sequence[np.ndarray], vocab_size: int, tokenizer: Any) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from mcckd_jax import files
 from mcckd_jax.data.tokenization import DEFAULT_PROMPT_TEMPLATE
 from mcckd_jax.demo import problems
 
@@ -86,13 +87,14 @@ def corpus(rows: Sequence[Mapping[str, Any]],
 
 def save_pretrained(tokenizer: Tokenizer, folder: str | os.PathLike,
                     model_max_length: int = 512) -> None:
-    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json to `folder`."""
+    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json to `folder`,
+    all three or none (`files.write_together`)."""
     folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **SPECIAL_TOKENS,
               "model_max_length": model_max_length,
               # transformers would otherwise glue " ." and " 's" on decoding; decode is exact.
               "clean_up_tokenization_spaces": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+    files.write_together({
+        folder / "tokenizer.json": tokenizer.to_str(pretty=True),  # what Tokenizer.save writes
+        folder / "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        folder / "special_tokens_map.json": json.dumps(SPECIAL_TOKENS, indent=2) + "\n"})

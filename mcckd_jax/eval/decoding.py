@@ -1,9 +1,9 @@
-"""Batched autoregressive decoding of either student with its KV cache: greedy or sampled.
+"""Batched autoregressive decoding of any student with its KV cache: greedy or sampled.
 
-Decoder-only (LLaMA) prompts are left-padded so that every row's next token is written at the
-same cache slot; RoPE positions count real tokens only (cumsum(mask) - 1), as Hugging Face
-`generate` does. Encoder-decoder (T5) prompts go to the encoder with their mask (either side
-padded); the decoder starts from `decoder_start_token_id`, as `T5ForConditionalGeneration`.
+The student prefills and steps (`Student.start_generation` / `generation_step`): decoder-only
+prompts are left-padded so that every row's next token is written at the same cache slot,
+with RoPE positions counting real tokens only, as Hugging Face `generate`; encoder-decoder
+prompts go to the encoder with their mask and the decoder starts from its start token.
 
 The whole loop is one jitted call, compiled once per (model graph, batch, prompt length,
 sampling config): bucket prompt lengths (`mcckd_jax.data.batching.bucket_for`) to bound the
@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcckd_jax.models.kv_cache import KVCache
-from mcckd_jax.models.llama import LlamaModel
-from mcckd_jax.models.t5 import CrossKV, T5Model
 from mcckd_jax.sharding import constrain
 
 _BATCH = ("act_batch", None)
-_CACHE = ("act_batch", "act_kv_heads", None, None)  # KVCache keys and values: [B, K, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,60 +87,11 @@ def choose_tokens(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig
     return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
 
 
-def _constrain_cache(cache: KVCache) -> KVCache:
-    # The cache is created inside the jitted loop; pinning it to the batch/heads layout of the
-    # activations keeps every step's update local to its shard.
-    return dataclasses.replace(cache, keys=tuple(constrain(k, _CACHE) for k in cache.keys),
-                               values=tuple(constrain(v, _CACHE) for v in cache.values))
-
-
-def _llama_start(model: LlamaModel, prompt_BL, prompt_mask_BL, cache_length):
-    """Prefill: logits [B, V] of the first new token and the loop state (positions, cache)."""
-    batch, length = prompt_BL.shape
-    cache = _constrain_cache(model.init_cache(batch, length + cache_length))
-    positions_BL = jnp.maximum(jnp.cumsum(prompt_mask_BL, axis=1) - 1, 0).astype(jnp.int32)
-    hidden_BLD, cache = model.decode(prompt_BL, cache, positions_BL=positions_BL,
-                                     attention_mask_BL=prompt_mask_BL)
-    return model.logits(hidden_BLD[:, -1]), (positions_BL[:, -1], cache)
-
-
-def _llama_step(model: LlamaModel, token_B, state):
-    position_B, cache = state
-    position_B = position_B + 1
-    hidden_B1D, cache = model.decode(token_B[:, None], cache, positions_BL=position_B[:, None])
-    return model.logits(hidden_B1D[:, 0]), (position_B, cache)
-
-
-def _t5_start(model: T5Model, prompt_BL, prompt_mask_BL, cache_length):
-    """Encoder pass, cross-attention keys/values, then the decoder on its start token."""
-    batch = prompt_BL.shape[0]
-    cross = model.cross_cache(model.encode(prompt_BL, prompt_mask_BL), prompt_mask_BL)
-    # One more slot than the decoder-only student: the start token occupies the first.
-    cache = _constrain_cache(model.init_cache(batch, cache_length + 1))
-    start_B = jnp.full((batch,), model.config.decoder_start_token_id, jnp.int32)
-    return _t5_step(model, start_B, (cache, cross))
-
-
-def _t5_step(model: T5Model, token_B, state: tuple[KVCache, CrossKV]):
-    cache, cross = state
-    hidden_B1D, cache = model.decode(token_B[:, None], cache, cross)
-    return model.logits(hidden_B1D[:, 0]), (cache, cross)
-
-
-# Per student: (start(model, prompt_BL, mask_BL, cache slots to add) -> (logits_BV, state),
-#               step(model, token_B, state) -> (logits_BV, state)).
-_STUDENTS: dict[type, tuple[Callable, Callable]] = {
-    LlamaModel: (_llama_start, _llama_step),
-    T5Model: (_t5_start, _t5_step),
-}
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_token_ids",
                                              "pad_token_id"))
 def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: SamplingConfig,
               eos_token_ids: tuple[int, ...], pad_token_id: int):
     model = nnx.merge(graphdef, state)
-    start, step = _STUDENTS[type(model)]
     prompt_BL = constrain(prompt_BL, _BATCH)
     prompt_mask_BL = constrain(prompt_mask_BL, _BATCH)
     num_new = sampling.max_new_tokens
@@ -158,7 +104,7 @@ def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: Samp
 
     # Token n is chosen from the logits of decoding token n - 1: N - 1 decoding steps and
     # N - 1 cache slots beyond the prompt (the last token is never fed back).
-    logits_BV, decoder_state = start(model, prompt_BL, prompt_mask_BL, num_new - 1)
+    logits_BV, decoder_state = model.start_generation(prompt_BL, prompt_mask_BL, num_new - 1)
     token_B, done_B = emit(logits_BV, 0, jnp.zeros(prompt_BL.shape[0], bool))
     tokens_BN = jnp.full((prompt_BL.shape[0], num_new), pad_token_id, jnp.int32)
     tokens_BN = constrain(tokens_BN.at[:, 0].set(token_B), _BATCH)
@@ -169,7 +115,7 @@ def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: Samp
 
     def body(carry):
         index, token_B, decoder_state, done_B, tokens_BN = carry
-        logits_BV, decoder_state = step(model, token_B, decoder_state)
+        logits_BV, decoder_state = model.generation_step(token_B, decoder_state)
         token_B, done_B = emit(logits_BV, index, done_B)
         tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], index, 1)
         return index + 1, token_B, decoder_state, done_B, tokens_BN
@@ -185,8 +131,8 @@ def generate(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array,
     """Continuations [B, N] int32 of a batch of prompts; after its EOS a row holds pad_token_id.
 
     Args:
-      model: a `LlamaModel` (prompts left-padded) or a `T5Model` (the prompt is the encoder
-        input).
+      model: a student (`mcckd_jax.models.student.Student`); decoder-only prompts are
+        left-padded, an encoder-decoder student reads the prompt with its encoder.
       prompt_mask_BL: 1 for real prompt tokens.
       rng: a `jax.random.key`; required when sampling.temperature > 0 (token n is drawn with
         fold_in(rng, n), so the same key gives the same output).
@@ -202,9 +148,8 @@ def generate_with_step_count(model: nnx.Module, prompt_BL: jax.Array, prompt_mas
                              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`generate`'s tokens [B, N] and the number of single-token decoding steps it ran after
     the prompt (int32 scalar): N - 1, or fewer when every row emitted EOS earlier."""
-    if type(model) not in _STUDENTS:
-        raise TypeError(f"generate supports {sorted(t.__name__ for t in _STUDENTS)}, "
-                        f"got {type(model).__name__}")
+    if not hasattr(model, "start_generation"):
+        raise TypeError(f"{type(model).__name__} is not a student (mcckd_jax.models.student)")
     if sampling.temperature > 0 and rng is None:
         raise ValueError(f"sampling at temperature {sampling.temperature} needs an rng key")
     graphdef, state = nnx.split(model)

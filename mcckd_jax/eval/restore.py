@@ -8,7 +8,6 @@ import pathlib
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from mcckd_jax import sharding
 from mcckd_jax.models import lora, pretrained
@@ -18,12 +17,8 @@ from mcckd_jax.train import checkpointing, state as train_state
 def _sharded_template(abstract: nnx.State, mesh: jax.sharding.Mesh,
                       rules: sharding.LogicalRules) -> nnx.State:
     """ShapeDtypeStructs carrying the shardings that the variables' logical axes ask for."""
-    with sharding.activate(mesh, rules):
-        specs = nnx.get_partition_spec(abstract)
-    return jax.tree.map(
-        lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                sharding=NamedSharding(mesh, spec)),
-        abstract, specs, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return sharding.abstract_with_shardings(abstract,
+                                            sharding.tree_shardings(abstract, mesh, rules))
 
 
 def restore_student(run_dir: str | pathlib.Path, student: pretrained.StudentConfig, *,

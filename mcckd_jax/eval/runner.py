@@ -20,8 +20,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
+from mcckd_jax import sharding
 from mcckd_jax.data import pipeline, records, tokenization
 from mcckd_jax.eval import decoding, scoring
 
@@ -93,10 +93,6 @@ def _decode_text(tokens_N: np.ndarray, tokenizer: Any, eos_ids: Sequence[int]) -
     return tokenizer.decode(kept.tolist(), skip_special_tokens=True).strip()
 
 
-def _global(local: np.ndarray, batch_sharding: NamedSharding) -> jax.Array:
-    return jax.make_array_from_process_local_data(batch_sharding, local)
-
-
 def evaluate(model: nnx.Module, data: EvalData, tokenizer: Any, *, config: EvalConfig,
              tokenization_config: tokenization.TokenizationConfig, mesh: jax.sharding.Mesh,
              should_stop: Callable[[], bool] = lambda: False,
@@ -107,12 +103,11 @@ def evaluate(model: nnx.Module, data: EvalData, tokenizer: Any, *, config: EvalC
         batch_size=config.batch_size, bucket_lengths=config.prompt_buckets,
         encoder_bucket_lengths=config.prompt_buckets, shuffle=False, num_epochs=1)
     batches = pipeline.eval_dataset(data.prompts, pipeline_config)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    rows = config.batch_size * jax.process_count()
-    if rows % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"eval batch of {rows} questions does not split over the mesh's "
-                         f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices; "
-                         "change --batch_size")
+    sharding.check_batch_divides(
+        config.batch_size * jax.process_count(), mesh,
+        what=f"the eval batch size ({config.batch_size} per process x {jax.process_count()} "
+             "processes): mcckd-eval's --batch_size, or dev_eval.batch_size in training")
+    batch_sharding = sharding.batch_sharding(mesh)
     eos_ids = (tokenization.eos_id(tokenizer, tokenization_config),)
     pad = tokenization.pad_id(tokenizer)
     encoder = data.prompts.layout == "encoder_decoder"
@@ -128,7 +123,7 @@ def evaluate(model: nnx.Module, data: EvalData, tokenizer: Any, *, config: EvalC
                 return None
             tokens_BP = batch["encoder_tokens" if encoder else "prompt_tokens"]
             mask_BP = batch["encoder_mask" if encoder else "prompt_mask"]
-            prompt_GP, mask_GP = _global(tokens_BP, batch_sharding), _global(mask_BP, batch_sharding)
+            prompt_GP, mask_GP = sharding.global_batch((tokens_BP, mask_BP), batch_sharding)
             questions_G = np.asarray(multihost_utils.process_allgather(
                 batch["question_index"], tiled=True)).reshape(-1)
             samples_SGN = []

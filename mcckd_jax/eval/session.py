@@ -16,12 +16,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mcckd_jax import sharding
-from mcckd_jax.data import tokenization
+from mcckd_jax.data import run_inputs, tokenization
 from mcckd_jax.eval import reports, restore, runner
 from mcckd_jax.models import pretrained
 from mcckd_jax.train import checkpointing
 from mcckd_jax.train.config import TrainConfig
-from mcckd_jax.train.loop import load_run_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class EvalSession:
         self._skipped: set[int] = set()  # damaged or deleted before they were read
         self.rules = train_config.mesh.rules
         self.mesh = sharding.make_mesh(train_config.mesh.per_host, train_config.mesh.across_hosts)
-        self.tokenizer = load_run_tokenizer(train_config)
+        self.tokenizer = run_inputs.load_run_tokenizer(train_config.data, train_config.student)
         model_cls, architecture = pretrained.student_architecture(train_config.student)
         self.layout = pretrained.tokenization_layout(model_cls)
         self.tokenization = dataclasses.replace(train_config.data.tokenization, layout=self.layout)

@@ -12,23 +12,33 @@ import jax
 import jax.numpy as jnp
 
 
-def _grouped_scores(query_BKMHd, key_BKSHd, mask_BLS, bias_BKGLS, scale, groups,
-                    keys_transposed=False):
-    """Masked float32 logits [B, K, G, L, S] from queries stacked as M = G * L rows (keys
-    [B, K, Hd, S] when keys_transposed, as the KV cache holds them)."""
-    batch, num_kv_heads, rows, _ = query_BKMHd.shape
+def _scaled_scores(query_BKMHd, key_BKSHd, scale, softcap, keys_transposed=False):
+    """Unmasked float32 logits [B, K, M, S] (q k^T * scale, soft-capped when softcap is set)
+    from queries stacked as M = G * L rows (keys [B, K, Hd, S] when keys_transposed, as the KV
+    cache holds them)."""
     equation = "bkmd,bkds->bkms" if keys_transposed else "bkmd,bksd->bkms"
-    scores_BKMS = jnp.einsum(equation, query_BKMHd, key_BKSHd, preferred_element_type=jnp.float32)
-    scores_BKGLS = scores_BKMS.reshape(batch, num_kv_heads, groups, rows // groups, -1) * scale
+    scores_BKMS = jnp.einsum(equation, query_BKMHd, key_BKSHd,
+                             preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores_BKMS = jnp.tanh(scores_BKMS / softcap) * softcap
+    return scores_BKMS
+
+
+def _grouped_scores(query_BKMHd, key_BKSHd, mask_BLS, bias_BKGLS, scale, groups, softcap=None,
+                    keys_transposed=False):
+    """Masked float32 logits [B, K, G, L, S]: `_scaled_scores` plus the bias."""
+    batch, num_kv_heads, rows, _ = query_BKMHd.shape
+    scores_BKMS = _scaled_scores(query_BKMHd, key_BKSHd, scale, softcap, keys_transposed)
+    scores_BKGLS = scores_BKMS.reshape(batch, num_kv_heads, groups, rows // groups, -1)
     if bias_BKGLS is not None:
         scores_BKGLS = scores_BKGLS + bias_BKGLS
     return jnp.where(mask_BLS[:, None, None], scores_BKGLS, jnp.finfo(jnp.float32).min)
 
 
 def _attend(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups,
-            keys_transposed=False):
+            softcap=None, keys_transposed=False):
     scores_BKGLS = _grouped_scores(query_BKMHd, key_BKSHd, mask_BLS, bias_BKGLS, scale, groups,
-                                   keys_transposed)
+                                   softcap, keys_transposed)
     log_normalizer_BKGL = jax.nn.logsumexp(scores_BKGLS, axis=-1)
     probs_BKGLS = jnp.exp(scores_BKGLS - log_normalizer_BKGL[..., None])
     batch, num_kv_heads, rows, _ = query_BKMHd.shape
@@ -36,14 +46,17 @@ def _attend(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, gr
     return jnp.einsum("bkms,bksd->bkmd", probs_BKMS, value_BKSHd), log_normalizer_BKGL
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups):
-    return _attend(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups,
+               softcap):
+    return _attend(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups,
+                   softcap)[0]
 
 
-def _attention_fwd(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups):
+def _attention_fwd(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups,
+                   softcap):
     out_BKMHd, log_normalizer_BKGL = _attend(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS,
-                                             bias_BKGLS, scale, groups)
+                                             bias_BKGLS, scale, groups, softcap)
     # Only the inputs, the output and one normalizer per query are kept: the [L, S]
     # probabilities are recomputed in the backward pass instead of being stored for every
     # layer (they dominated the step's memory).
@@ -51,9 +64,9 @@ def _attention_fwd(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, sc
                        log_normalizer_BKGL)
 
 
-def _attention_bwd(scale, groups, residuals, out_grad_BKMHd):
+def _attention_bwd(scale, groups, softcap, residuals, out_grad_BKMHd):
     query, key, value, mask_BLS, bias_BKGLS, out, log_normalizer_BKGL = residuals
-    scores_BKGLS = _grouped_scores(query, key, mask_BLS, bias_BKGLS, scale, groups)
+    scores_BKGLS = _grouped_scores(query, key, mask_BLS, bias_BKGLS, scale, groups, softcap)
     probs_BKGLS = jnp.exp(scores_BKGLS - log_normalizer_BKGL[..., None])
     batch, num_kv_heads, rows, _ = query.shape
     probs_BKMS = probs_BKGLS.reshape(batch, num_kv_heads, rows, -1)
@@ -68,6 +81,11 @@ def _attention_bwd(scale, groups, residuals, out_grad_BKMHd):
     bias_grad = None
     if bias_BKGLS is not None:
         bias_grad = _sum_to_shape(scores_grad_BKGLS, bias_BKGLS.shape).astype(bias_BKGLS.dtype)
+    if softcap is not None:
+        # d(c tanh(x / c))/dx = 1 - tanh^2, from the capped scores before masking (the masked
+        # entries' gradients are already zero).
+        tanh_BKMS = _scaled_scores(query, key, scale, softcap) / softcap
+        scores_grad_BKMS = scores_grad_BKMS * (1.0 - tanh_BKMS * tanh_BKMS)
     scaled_BKMS = (scores_grad_BKMS * scale).astype(query.dtype)
     query_grad = jnp.einsum("bkms,bksd->bkmd", scaled_BKMS, key)
     key_grad = jnp.einsum("bkms,bkmd->bksd", scaled_BKMS, query,
@@ -87,8 +105,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def dot_product_attention(query_BLHHd: jax.Array, key_BSKHd: jax.Array, value_BSKHd: jax.Array,
                           mask_BLS: jax.Array, *, scale: float,
-                          bias_HLS: jax.Array | None = None, causal: bool = False) -> jax.Array:
-    """softmax(q k^T * scale + bias, masked) v, with the softmax in float32.
+                          bias_HLS: jax.Array | None = None, causal: bool = False,
+                          softcap: float | None = None) -> jax.Array:
+    """softmax(cap(q k^T * scale) + bias, masked) v, with the softmax in float32.
 
     The backward pass recomputes the attention probabilities (a custom VJP) rather than
     keeping them, so a layer stores O(L) per query instead of O(L * S).
@@ -98,6 +117,7 @@ def dot_product_attention(query_BLHHd: jax.Array, key_BSKHd: jax.Array, value_BS
         uniform average (its output is padding and must be masked by the caller).
       bias_HLS: additive logit bias ([H, L, S] or broadcastable, e.g. [B, H, L, S]); it
         receives gradients (T5's relative position table).
+      softcap: c for Gemma 2's soft-capping cap(x) = c * tanh(x / c); None: cap(x) = x.
       causal: the caller guarantees that mask_BLS allows no key s > l (self-attention over
         one sequence, S = L). Queries are then taken in blocks of CAUSAL_BLOCK, each against
         the keys up to its last position only: about half the work of the full square.
@@ -110,10 +130,10 @@ def dot_product_attention(query_BLHHd: jax.Array, key_BSKHd: jax.Array, value_BS
     key_BKSHd, value_BKSHd = key_BSKHd.transpose(0, 2, 1, 3), value_BSKHd.transpose(0, 2, 1, 3)
     if causal and query_BLHHd.shape[1] > CAUSAL_BLOCK:
         out_BKMHd = _causal_blocks(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS,
-                                   float(scale), groups)
+                                   float(scale), groups, softcap)
     else:
         out_BKMHd = _attention(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS,
-                               float(scale), groups)
+                               float(scale), groups, softcap)
     return _ungroup_heads(out_BKMHd, query_BLHHd.shape)
 
 
@@ -123,7 +143,8 @@ def dot_product_attention(query_BLHHd: jax.Array, key_BSKHd: jax.Array, value_BS
 CAUSAL_BLOCK = 128
 
 
-def _causal_blocks(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups):
+def _causal_blocks(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, scale, groups,
+                   softcap):
     """`_attention` block by block of query positions, each over the key prefix it can see;
     every block keeps the custom VJP, and autodiff sums the key/value gradients of the
     blocks that share a prefix."""
@@ -137,14 +158,15 @@ def _causal_blocks(query_BKMHd, key_BKSHd, value_BKSHd, mask_BLS, bias_BKGLS, sc
             batch, num_kv_heads, groups * (stop - start), head_dim)
         bias = None if bias_BKGLS is None else bias_BKGLS[..., start:stop, :stop]
         out = _attention(block_BKMHd, key_BKSHd[:, :, :stop], value_BKSHd[:, :, :stop],
-                         mask_BLS[:, start:stop, :stop], bias, scale, groups)
+                         mask_BLS[:, start:stop, :stop], bias, scale, groups, softcap)
         outs.append(out.reshape(batch, num_kv_heads, groups, stop - start, head_dim))
     return jnp.concatenate(outs, axis=3).reshape(query_BKMHd.shape)
 
 
 def cached_attention(query_BLHHd: jax.Array, keys_BKHdS: jax.Array, values_BKSHd: jax.Array,
                      mask_BLS: jax.Array, *, scale: float,
-                     bias_HLS: jax.Array | None = None) -> jax.Array:
+                     bias_HLS: jax.Array | None = None,
+                     softcap: float | None = None) -> jax.Array:
     """`dot_product_attention` over keys and values in the KV cache's layout, read in place.
 
     For decoding (no custom VJP: nothing is differentiated through a cache). Keys are stored
@@ -155,14 +177,14 @@ def cached_attention(query_BLHHd: jax.Array, keys_BKHdS: jax.Array, values_BKSHd
 
     Args:
       keys_BKHdS: [B, K, Hd, S]; values_BKSHd: [B, K, S, Hd] (`kv_cache.KVCache`).
-      mask_BLS, bias_HLS: as for `dot_product_attention`.
+      mask_BLS, bias_HLS, softcap: as for `dot_product_attention`.
 
     Returns:
       [B, L, H, Hd] in the query's dtype.
     """
     query_BKMHd, bias_BKGLS, groups = _group_heads(query_BLHHd, bias_HLS, keys_BKHdS.shape[1])
     out_BKMHd, _ = _attend(query_BKMHd, keys_BKHdS, values_BKSHd, mask_BLS, bias_BKGLS,
-                           float(scale), groups, keys_transposed=True)
+                           float(scale), groups, softcap, keys_transposed=True)
     return _ungroup_heads(out_BKMHd, query_BLHHd.shape)
 
 

@@ -10,6 +10,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mcckd_jax.sharding import constrain
+
+_CACHE = ("act_batch", "act_kv_heads", None, None)  # keys and values: [B, K, ...]
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +53,12 @@ class KVCache:
                                                        self.length, axis=1)
         return dataclasses.replace(self, key_mask=key_mask,
                                    length=self.length + new_valid_BL.shape[1])
+
+    def constrained(self) -> "KVCache":
+        """The cache pinned to the batch/heads layout of the activations, so that every
+        decoding step's update stays local to its shard (it is created inside jitted code)."""
+        return dataclasses.replace(self, keys=tuple(constrain(k, _CACHE) for k in self.keys),
+                                   values=tuple(constrain(v, _CACHE) for v in self.values))
 
     def with_layer(self, layer: int, keys_BKHdS: jax.Array, values_BKSHd: jax.Array) -> "KVCache":
         keys = self.keys[:layer] + (keys_BKHdS,) + self.keys[layer + 1:]

@@ -99,19 +99,32 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * weight, statistics in float32 (LLaMA's RMSNorm and T5's LayerNorm)."""
+    """x / rms(x) * weight, statistics in float32 (LLaMA's RMSNorm and T5's LayerNorm).
+
+    With `offset` (Gemma's 1) it scales by offset + weight, in float32 before the cast back,
+    as Gemma's RMSNorm does; its weight then starts at 0.
+    """
 
     def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 offset: float = 0.0, rngs: nnx.Rngs | None = None):
         del rngs  # no random initialisation
         self.eps = eps
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=("norm",))
+        self.offset = offset
+        self.weight = nnx.Param(jnp.full((features,), 1.0 - offset, param_dtype),
+                                out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(self.dtype)
         return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x itself when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def project_to_vocab(hidden: jax.Array, output_weight_DV: jax.Array) -> jax.Array:
@@ -125,7 +138,7 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    # Keeps the MLP's gate and up projections (named by LlamaMLP; 61% of a layer's matmul
+    # Keeps the MLP's gate and up projections (named by decoder.MLP; 61% of a layer's matmul
     # FLOPs) and recomputes the rest. SmolLM2-135M step, 2,048 tokens: 0.59x PyTorch's peak
     # memory against 0.49x for "full", 10% faster (benchmarks/RESULTS.md).
     "mlp": jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"),

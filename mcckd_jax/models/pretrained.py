@@ -6,21 +6,15 @@ import contextlib
 import dataclasses
 import pathlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 from flax import nnx
 
 from mcckd_jax import sharding
-from mcckd_jax.models import hf_import, llama, t5
+from mcckd_jax.models import hf_import, registry
 from mcckd_jax.models.layers import LoRAConfig
-
-# model_type in config.json -> (config class, model class)
-MODEL_TYPES = {
-    "llama": (llama.LlamaConfig, llama.LlamaModel),
-    "mistral": (llama.LlamaConfig, llama.LlamaModel),
-    "t5": (t5.T5Config, t5.T5Model),
-}
+from mcckd_jax.models.student import Layout
 
 
 def checkpoint_architecture(path: str | pathlib.Path, gguf_file: str | None = None,
@@ -28,12 +22,8 @@ def checkpoint_architecture(path: str | pathlib.Path, gguf_file: str | None = No
     """(model class, model config) that a checkpoint's config.json (or GGUF metadata) describes;
     no weights are read."""
     hf_config = hf_import.read_hf_config(path, gguf_file)
-    model_type = hf_config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported "
-                         f"({', '.join(sorted(MODEL_TYPES))})")
-    config_cls, model_cls = MODEL_TYPES[model_type]
-    return model_cls, config_cls.from_hf(hf_config, **config_overrides)
+    family = registry.family_of_model_type(hf_config.get("model_type"), str(path))
+    return family.model_cls, family.config_cls.from_hf(hf_config, **config_overrides)
 
 
 def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh,
@@ -62,10 +52,10 @@ def load_pretrained(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh,
 class StudentConfig:
     """Which student to train: a local Hugging Face checkpoint, or a preset from scratch."""
 
-    family: Literal["llama", "t5"] = "llama"  # architecture when initialising from a preset
+    family: str = registry.DEFAULT_FAMILY  # architecture of a preset (a registry.FAMILIES name)
     checkpoint: str | None = None  # local HF directory or file; None: random init from preset
     gguf_file: str | None = None  # GGUF file inside `checkpoint` (dequantized on load)
-    preset: str = "tiny"  # preset function of the family's module (tiny, smollm2_135m, ...)
+    preset: str = "tiny"  # the family's preset (tiny, smollm2_135m, ...)
     architecture: dict[str, Any] = dataclasses.field(default_factory=dict)  # HF config fields set on the preset
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype (float32 master weights with bf16 compute)
@@ -73,9 +63,8 @@ class StudentConfig:
     lora: LoRAConfig | None = None  # adapters; None trains every weight
     init_seed: int = 0  # seed of a random initialisation (and of fresh LoRA adapters)
 
-
-_FAMILIES = {"llama": (llama, llama.LlamaConfig, llama.LlamaModel),
-             "t5": (t5, t5.T5Config, t5.T5Model)}
+    def __post_init__(self):
+        registry.family(self.family)
 
 
 def _numerics(config: StudentConfig) -> dict[str, Any]:
@@ -88,17 +77,13 @@ def student_architecture(config: StudentConfig) -> tuple[type[nnx.Module], Any]:
     config when there is one, else the family's preset with `architecture` set on it."""
     if config.checkpoint is not None:
         return checkpoint_architecture(config.checkpoint, config.gguf_file, **_numerics(config))
-    module, config_cls, model_cls = _FAMILIES[config.family]
-    preset = getattr(module, config.preset, None)
-    if preset is None or not callable(preset):
-        raise ValueError(f"{config.family} has no preset {config.preset!r}")
-    return model_cls, config_cls.from_hf({**preset().to_hf(), **config.architecture},
-                                         **_numerics(config))
+    return registry.preset_config(config.family, config.preset, config.architecture,
+                                  **_numerics(config))
 
 
-def tokenization_layout(model_cls: type[nnx.Module]) -> str:
-    """The data layout a student class reads: "encoder_decoder" (T5) or "decoder_only"."""
-    return "encoder_decoder" if hasattr(model_cls, "encode") else "decoder_only"
+def tokenization_layout(model_cls: type[nnx.Module]) -> Layout:
+    """The data layout a student class reads: "encoder_decoder" or "decoder_only"."""
+    return model_cls.LAYOUT
 
 
 def student_factory(config: StudentConfig) -> Callable[[], nnx.Module]:

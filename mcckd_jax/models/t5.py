@@ -6,6 +6,8 @@ decoder output by d_model ** -0.5 before projecting with the embedding; that fac
 to the hidden states this model returns, so `logits = hidden @ output_weight()` always holds.
 Parameter paths are Hugging Face's tensor names without a prefix (`shared`,
 `encoder.block[i].layer[0].SelfAttention.q`, `decoder.final_layer_norm`, `lm_head`, ...).
+The stacks (blocks as a loop, or as a rematerialised scan) are in `t5_stacks`, the blocks in
+`t5_layers`.
 
 Shape legend: B batch, L encoder length, T decoder length, S cache slots, D d_model, H heads,
 Hd d_kv, F d_ff, V vocabulary.
@@ -22,9 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcckd_jax.models import layers
-from mcckd_jax.models.attention import causal_mask
-from mcckd_jax.models.kv_cache import KVCache, to_cache_layout
-from mcckd_jax.models.t5_layers import ACTIVATIONS, T5DecoderBlock, T5EncoderBlock, t5_layer_norm
+from mcckd_jax.models.kv_cache import KVCache
+from mcckd_jax.models.t5_layers import ACTIVATIONS
+from mcckd_jax.models.t5_stacks import CrossKV, T5Decoder, T5Encoder
 from mcckd_jax.sharding import constrain
 
 _EMBED = ("act_batch", "act_length", "act_embed")
@@ -50,6 +52,7 @@ class T5Config:
     eos_token_id: int | tuple[int, ...] | None = 1
     decoder_start_token_id: int = 0  # first decoder input (T5 uses the pad token)
     initializer_factor: float = 1.0  # scales Hugging Face's initialiser stddevs
+    dropout_rate: float = 0.0  # HF's dropout (its checkpoints say 0.1); training passes only
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "none"  # per block: none, full, mlp (= full: nothing named), dots, ...
@@ -62,6 +65,8 @@ class T5Config:
             raise ValueError(f"feed_forward_proj must be 'gated-ACT' or 'ACT' with ACT in "
                              f"{sorted(ACTIVATIONS)}, got {self.feed_forward_proj!r}")
         layers.check_remat_policy(self.remat_policy)
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         layers.dtype_of(self.dtype), layers.dtype_of(self.param_dtype)
 
     @property
@@ -108,7 +113,8 @@ class T5Config:
             feed_forward_proj=hf.get("feed_forward_proj", "relu"), tie_word_embeddings=bool(tied),
             pad_token_id=pad, eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             decoder_start_token_id=pad if start is None else start,
-            initializer_factor=hf.get("initializer_factor", 1.0))
+            initializer_factor=hf.get("initializer_factor", 1.0),
+            dropout_rate=hf.get("dropout_rate", 0.1))
         fields.update(overrides)
         return cls(**fields)
 
@@ -127,7 +133,7 @@ class T5Config:
             "tie_word_embeddings": self.tie_word_embeddings, "is_encoder_decoder": True,
             "pad_token_id": self.pad_token_id, "eos_token_id": eos,
             "decoder_start_token_id": self.decoder_start_token_id,
-            "initializer_factor": self.initializer_factor,
+            "initializer_factor": self.initializer_factor, "dropout_rate": self.dropout_rate,
             "torch_dtype": self.param_dtype, "dtype": self.param_dtype,
         }
 
@@ -167,108 +173,6 @@ def flan_t5_xxl(**overrides) -> T5Config:
     return T5Config(**{**fields, **overrides})
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CrossKV:
-    """Cross-attention keys and values of every decoder block, computed once per input.
-
-    Projecting the encoder output anew at every decoding step would cost L times the
-    self-attention projections; the encoder output does not change, so they are cached.
-    """
-
-    keys: tuple[jax.Array, ...]  # per decoder block [B, H, Hd, L] (the KV cache's layout)
-    values: tuple[jax.Array, ...]  # per decoder block [B, H, L, Hd]
-    key_mask: jax.Array  # [B, L] bool, True for real encoder tokens
-
-
-def _maybe_remat(fn, policy_name: str):
-    if policy_name == "none":
-        return fn
-    return nnx.remat(fn, policy=layers.REMAT_POLICIES[policy_name])
-
-
-def _run_encoder_block(block, x_BLD, mask_BLL, bias_HLL):
-    return block(x_BLD, mask_BLL, bias_HLL)
-
-
-def _run_decoder_block(block, x_BTD, mask_BTT, bias_HTT, encoder_hidden_BLD, cross_mask_BTL):
-    cross_kv = block.cross_key_values(encoder_hidden_BLD)
-    return block(x_BTD, mask_BTT, bias_HTT, cross_kv, cross_mask_BTL)[0]
-
-
-class T5Encoder(nnx.Module):
-    """Embedded inputs -> encoder output (after `final_layer_norm`)."""
-
-    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-        self.remat_policy = config.remat_policy
-        # Only block 0 owns the relative position table; its bias is shared by all blocks.
-        self.block = nnx.List([T5EncoderBlock(config, relative_bias=i == 0, rngs=rngs)
-                               for i in range(config.num_layers)])
-        self.final_layer_norm = t5_layer_norm(config)
-
-    def __call__(self, x_BLD: jax.Array, valid_BL: jax.Array) -> jax.Array:
-        batch, length, _ = x_BLD.shape
-        positions_L = jnp.arange(length, dtype=jnp.int32)
-        bias_HLL = self.block[0].layer[0].SelfAttention.relative_attention_bias(positions_L, length)
-        # Bidirectional: every query sees every real key; padded queries are the caller's to mask.
-        mask_BLL = jnp.broadcast_to(valid_BL[:, None, :], (batch, length, length))
-        run_block = _maybe_remat(_run_encoder_block, self.remat_policy)
-        for block in self.block:
-            x_BLD = run_block(block, x_BLD, mask_BLL, bias_HLL)
-        return self.final_layer_norm(x_BLD)
-
-
-class T5Decoder(nnx.Module):
-    """Embedded decoder inputs + encoder output -> decoder output (after `final_layer_norm`)."""
-
-    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-        self.remat_policy = config.remat_policy
-        self.block = nnx.List([T5DecoderBlock(config, relative_bias=i == 0, rngs=rngs)
-                               for i in range(config.resolved_num_decoder_layers)])
-        self.final_layer_norm = t5_layer_norm(config)
-
-    def _position_bias(self, query_positions_T, key_length):
-        return self.block[0].layer[0].SelfAttention.relative_attention_bias(query_positions_T,
-                                                                            key_length)
-
-    def __call__(self, x_BTD, valid_BT, encoder_hidden_BLD, encoder_valid_BL):
-        batch, length, _ = x_BTD.shape
-        slots_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        mask_BTT = causal_mask(slots_BT, slots_BT, valid_BT)
-        bias_HTT = self._position_bias(slots_BT[0], length)
-        cross_mask_BTL = jnp.broadcast_to(encoder_valid_BL[:, None, :],
-                                          (batch, length, encoder_valid_BL.shape[1]))
-        run_block = _maybe_remat(_run_decoder_block, self.remat_policy)
-        for block in self.block:
-            x_BTD = run_block(block, x_BTD, mask_BTT, bias_HTT, encoder_hidden_BLD, cross_mask_BTL)
-        return self.final_layer_norm(x_BTD)
-
-    def cross_kv(self, encoder_hidden_BLD: jax.Array, encoder_valid_BL: jax.Array) -> CrossKV:
-        pairs = [to_cache_layout(*block.cross_key_values(encoder_hidden_BLD))
-                 for block in self.block]
-        return CrossKV(keys=tuple(k for k, _ in pairs), values=tuple(v for _, v in pairs),
-                       key_mask=encoder_valid_BL.astype(bool))
-
-    def decode(self, x_BTD, valid_BT, cache: KVCache, cross: CrossKV):
-        batch, length, _ = x_BTD.shape
-        start = cache.length
-        # Positions are cache slots, as Hugging Face counts past tokens (pads included).
-        slots_BT = start + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        cache = cache.advance(valid_BT)
-        key_slots_BS = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32),
-                                        (batch, cache.max_length))
-        mask_BTS = causal_mask(slots_BT, key_slots_BS, cache.key_mask)
-        bias_HTS = self._position_bias(slots_BT[0], cache.max_length)
-        cross_mask_BTL = jnp.broadcast_to(cross.key_mask[:, None, :],
-                                          (batch, length, cross.key_mask.shape[1]))
-        for index, block in enumerate(self.block):
-            x_BTD, (keys, values) = block(
-                x_BTD, mask_BTS, bias_HTS, (cross.keys[index], cross.values[index]),
-                cross_mask_BTL, (cache.keys[index], cache.values[index]), start)
-            cache = cache.with_layer(index, keys, values)
-        return self.final_layer_norm(x_BTD), cache
-
-
 def hf_ignored(config: T5Config, name: str) -> bool:
     """Checkpoint tensors the model does not read: copies of `shared` and a legacy table."""
     copies = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -283,8 +187,16 @@ def _valid(mask, shape) -> jax.Array:
 
 
 class T5Model(nnx.Module):
-    """Encoder-decoder student: (input ids, decoder input ids) -> decoder hidden states."""
+    """Encoder-decoder student: (input ids, decoder input ids) -> decoder hidden states.
 
+    Dropout (`dropout_rate` > 0) applies only in passes with deterministic=False: by default
+    in `batch_hidden`, the train step's entry point, whose masks come from the model's
+    "dropout" RNG stream (the train step carries it in `model_state`); `__call__`, `encode`
+    and `decode_all` default to deterministic, and decoding (`start_generation`,
+    `generation_step`, `decode`) never applies dropout, so evaluation needs no switch.
+    """
+
+    LAYOUT = "encoder_decoder"
     # Hugging Face T5ForConditionalGeneration names are the module paths themselves.
     HF_PREFIX = ""
     HF_UNPREFIXED = ()
@@ -300,36 +212,84 @@ class T5Model(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else layers.Linear(
             config.d_model, config.vocab_size, logical_axes=("embed", "vocab"), dtype=dtype,
             param_dtype=param_dtype, init_stddev=config.initializer_factor, rngs=rngs)
+        # Drawn last, so that the parameters do not depend on dropout_rate.
+        self.dropout_rngs = (nnx.Rngs(dropout=rngs.dropout()) if config.dropout_rate > 0
+                             else None)
 
-    def encode(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None) -> jax.Array:
+    def _dropout_key(self, deterministic: bool) -> jax.Array | None:
+        """The masks' key of one pass (advancing the stream); None when nothing drops."""
+        if deterministic or self.dropout_rngs is None:
+            return None
+        return self.dropout_rngs.dropout()
+
+    def encode(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
         """Encoder output [B, L, D]; positions with attention_mask 0 are never attended."""
         x_BLD = constrain(self.shared(input_ids_BL), _EMBED)
-        return self.encoder(x_BLD, _valid(attention_mask_BL, input_ids_BL.shape))
+        return self.encoder(x_BLD, _valid(attention_mask_BL, input_ids_BL.shape),
+                            self._dropout_key(deterministic))
 
     def __call__(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None,
                  decoder_input_ids_BT: jax.Array,
-                 decoder_attention_mask_BT: jax.Array | None = None) -> jax.Array:
+                 decoder_attention_mask_BT: jax.Array | None = None, *,
+                 deterministic: bool = True) -> jax.Array:
         """Decoder hidden states [B, T, D], ready for `output_weight()` (training, scoring).
 
         Args:
           attention_mask_BL: 1 for real encoder tokens (None: all real).
           decoder_input_ids_BT: the targets shifted right behind `decoder_start_token_id`.
           decoder_attention_mask_BT: 0 for decoder pads, never attended (None: all real).
+          deterministic: False applies dropout (training).
         """
-        encoder_hidden_BLD = self.encode(input_ids_BL, attention_mask_BL)
+        encoder_hidden_BLD = self.encode(input_ids_BL, attention_mask_BL,
+                                         deterministic=deterministic)
         return self.decode_all(decoder_input_ids_BT, encoder_hidden_BLD,
                                _valid(attention_mask_BL, input_ids_BL.shape),
-                               decoder_attention_mask_BT)
+                               decoder_attention_mask_BT, deterministic=deterministic)
 
     def decode_all(self, decoder_input_ids_BT: jax.Array, encoder_hidden_BLD: jax.Array,
                    encoder_mask_BL: jax.Array,
-                   decoder_attention_mask_BT: jax.Array | None = None) -> jax.Array:
+                   decoder_attention_mask_BT: jax.Array | None = None, *,
+                   deterministic: bool = True) -> jax.Array:
         """Decoder hidden states [B, T, D] from an encoder output computed once (e.g. shared
         by the K rationales of a question); ready for `output_weight()`."""
         x_BTD = constrain(self.shared(decoder_input_ids_BT), _EMBED)
         hidden_BTD = self.decoder(x_BTD, _valid(decoder_attention_mask_BT, decoder_input_ids_BT.shape),
-                                  encoder_hidden_BLD, encoder_mask_BL.astype(bool))
+                                  encoder_hidden_BLD, encoder_mask_BL.astype(bool),
+                                  self._dropout_key(deterministic))
         return self._scale_output(hidden_BTD)
+
+    def batch_hidden(self, batch: Mapping[str, jax.Array], *,
+                     deterministic: bool = False) -> jax.Array:
+        """Decoder hidden states [B, K, L, D] of the train batch's rationales `tokens`
+        [B, K, L]; each question (`encoder_tokens` / `encoder_mask` [B, E]) is encoded once.
+        A training pass: dropout applies unless deterministic."""
+        tokens_BKL = batch["tokens"]
+        batch_size, num_views, length = tokens_BKL.shape
+        encoder_hidden_BED = self.encode(batch["encoder_tokens"], batch["encoder_mask"],
+                                         deterministic=deterministic)
+        hidden = self.decode_all(tokens_BKL.reshape(batch_size * num_views, length),
+                                 jnp.repeat(encoder_hidden_BED, num_views, axis=0),
+                                 jnp.repeat(batch["encoder_mask"], num_views, axis=0),
+                                 deterministic=deterministic)
+        return hidden.reshape(batch_size, num_views, length, -1)
+
+    def start_generation(self, prompt_BL: jax.Array, prompt_mask_BL: jax.Array,
+                         new_slots: int) -> tuple[jax.Array, tuple[KVCache, CrossKV]]:
+        """Encoder pass, cross-attention keys/values, then the decoder on its start token:
+        logits [B, V] of the first new token and the state (cache, cross keys/values)."""
+        batch = prompt_BL.shape[0]
+        cross = self.cross_cache(self.encode(prompt_BL, prompt_mask_BL), prompt_mask_BL)
+        # One more slot than a decoder-only student: the start token occupies the first.
+        cache = self.init_cache(batch, new_slots + 1).constrained()
+        start_B = jnp.full((batch,), self.config.decoder_start_token_id, jnp.int32)
+        return self.generation_step(start_B, (cache, cross))
+
+    def generation_step(self, token_B: jax.Array, state: tuple[KVCache, CrossKV]
+                        ) -> tuple[jax.Array, tuple[KVCache, CrossKV]]:
+        cache, cross = state
+        hidden_B1D, cache = self.decode(token_B[:, None], cache, cross)
+        return self.logits(hidden_B1D[:, 0]), (cache, cross)
 
     def cross_cache(self, encoder_hidden_BLD: jax.Array,
                     attention_mask_BL: jax.Array | None = None) -> CrossKV:
@@ -376,6 +336,10 @@ class T5Model(nnx.Module):
         if self.lm_head is None:
             return self.shared.embedding[...].T
         return self.lm_head.kernel[...]
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        return None
 
     def logits(self, hidden_BTD: jax.Array) -> jax.Array:
         """Float32 logits [B, T, V] (full vocabulary: use for decoding and tests)."""

@@ -4,6 +4,11 @@ Attribute names are Hugging Face's (`SelfAttention.q`, `EncDecAttention`, `Dense
 `layer[i].layer_norm`, ...) so that `hf_names.hf_name` maps every parameter path to its
 `T5ForConditionalGeneration` tensor name with an empty prefix.
 
+Dropout sits where Hugging Face's T5 has it (attention probabilities, each sublayer's output
+before the residual add, between the feed-forward's input and output maps). Its masks come
+from a key passed in (`dropout_key`), split per site: no key means no dropout (evaluation,
+decoding), and a key passed as an argument lets `lax.scan` run blocks with dropout.
+
 Shape legend: B batch, L encoder length, T decoder length, S key length (T, L or cache slots),
 D d_model, H heads, Hd d_kv (per-head width), F d_ff, N relative-position buckets.
 """
@@ -36,6 +41,16 @@ ACTIVATIONS = {
 
 _HEADS = ("act_batch", "act_length", "act_heads", None)
 _EMBED = ("act_batch", "act_length", "act_embed")
+
+
+def split_key(key: jax.Array | None, num: int) -> tuple[jax.Array | None, ...]:
+    """`num` independent keys from `key`; `num` Nones when there is no key (no dropout)."""
+    return (None,) * num if key is None else tuple(jax.random.split(key, num))
+
+
+def dropout(module: nnx.Dropout, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    """x with `module`'s dropout drawn from `key`; x itself when key is None."""
+    return module(x, deterministic=key is None, rngs=key)
 
 
 def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bool,
@@ -127,6 +142,7 @@ class T5Attention(nnx.Module):
         self.o = _linear(config, "o", inner, width, ("heads", "embed"), inner ** -0.5, rngs)
         self.relative_attention_bias = (RelativePositionBias(config, bidirectional=bidirectional,
                                                              rngs=rngs) if relative_bias else None)
+        self.dropout = nnx.Dropout(config.dropout_rate)  # on the attention probabilities
 
     def _split_heads(self, x_BSX: jax.Array) -> jax.Array:
         batch, length, _ = x_BSX.shape
@@ -138,17 +154,38 @@ class T5Attention(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, keys: jax.Array, values: jax.Array,
                  mask_BTS: jax.Array, bias_HTS: jax.Array | None = None, *,
-                 cache_layout: bool = False) -> jax.Array:
+                 cache_layout: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
         """Attention output [B, T, D] of queries from x over the given keys and values: both
         [B, S, H, Hd] (`key_values`), or with cache_layout keys [B, H, Hd, S] and values
-        [B, H, S, Hd] (`kv_cache.KVCache`)."""
+        [B, H, S, Hd] (`kv_cache.KVCache`). With a dropout_key (and a non-zero rate) the
+        attention probabilities go through dropout."""
         batch, length, _ = x_BTD.shape
         query_BTHHd = self._split_heads(self.q(x_BTD))
-        attend = cached_attention if cache_layout else dot_product_attention
-        # scale = 1: T5 never divides the logits by sqrt(Hd); its initialiser and pretrained
-        # weights already account for it (the q std is (D * Hd) ** -0.5).
-        out_BTHHd = attend(query_BTHHd, keys, values, mask_BTS, scale=1.0, bias_HLS=bias_HTS)
+        if dropout_key is not None and self.dropout.rate > 0:
+            out_BTHHd = self._attend_with_dropout(query_BTHHd, keys, values, mask_BTS, bias_HTS,
+                                                  dropout_key)
+        else:
+            attend = cached_attention if cache_layout else dot_product_attention
+            # scale = 1: T5 never divides the logits by sqrt(Hd); its initialiser and pretrained
+            # weights already account for it (the q std is (D * Hd) ** -0.5).
+            out_BTHHd = attend(query_BTHHd, keys, values, mask_BTS, scale=1.0, bias_HLS=bias_HTS)
         return self.o(out_BTHHd.reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _attend_with_dropout(self, query_BTHHd, keys_BSHHd, values_BSHHd, mask_BTS, bias_HTS,
+                             dropout_key):
+        """Hugging Face's eager attention (logit scale 1, softmax in float32) with dropout on
+        the probabilities.
+
+        Training with dropout only. Unlike `dot_product_attention` (custom VJP) autodiff keeps
+        the [B, H, T, S] probabilities (and their mask) for the backward pass.
+        """
+        scores_BHTS = jnp.einsum("bthd,bshd->bhts", query_BTHHd, keys_BSHHd,
+                                 preferred_element_type=jnp.float32)
+        if bias_HTS is not None:
+            scores_BHTS = scores_BHTS + jnp.asarray(bias_HTS, jnp.float32)
+        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
+        probs_BHTS = dropout(self.dropout, jax.nn.softmax(scores_BHTS, axis=-1), dropout_key)
+        return jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(values_BSHHd.dtype), values_BSHHd)
 
 
 class T5LayerSelfAttention(nnx.Module):
@@ -157,16 +194,21 @@ class T5LayerSelfAttention(nnx.Module):
         self.SelfAttention = T5Attention(config, relative_bias=relative_bias,
                                          bidirectional=bidirectional, rngs=rngs)
         self.layer_norm = t5_layer_norm(config)
+        self.dropout = nnx.Dropout(config.dropout_rate)
 
-    def __call__(self, x_BTD, mask_BTS, bias_HTS, cached_kv=None, cache_start=None):
+    def __call__(self, x_BTD, mask_BTS, bias_HTS, cached_kv=None, cache_start=None,
+                 dropout_key=None):
         """Residual output [B, T, D] and, with a cache, the layer's updated (keys, values)."""
+        attention_key, output_key = split_key(dropout_key, 2)
         normed_BTD = self.layer_norm(x_BTD)
         keys, values = self.SelfAttention.key_values(normed_BTD)
         if cached_kv is not None:
             keys, values = write_slots(cached_kv, keys, values, cache_start)
         out_BTD = self.SelfAttention(normed_BTD, keys, values, mask_BTS, bias_HTS,
-                                     cache_layout=cached_kv is not None)
-        return x_BTD + out_BTD, ((keys, values) if cached_kv is not None else None)
+                                     cache_layout=cached_kv is not None,
+                                     dropout_key=attention_key)
+        return (x_BTD + dropout(self.dropout, out_BTD, output_key),
+                (keys, values) if cached_kv is not None else None)
 
 
 class T5LayerCrossAttention(nnx.Module):
@@ -174,10 +216,14 @@ class T5LayerCrossAttention(nnx.Module):
         # Cross-attention has no position bias (Hugging Face passes zeros).
         self.EncDecAttention = T5Attention(config, rngs=rngs)
         self.layer_norm = t5_layer_norm(config)
+        self.dropout = nnx.Dropout(config.dropout_rate)
 
-    def __call__(self, x_BTD, cross_kv, mask_BTL, *, cache_layout: bool = False):
-        return x_BTD + self.EncDecAttention(self.layer_norm(x_BTD), *cross_kv, mask_BTL,
-                                            cache_layout=cache_layout)
+    def __call__(self, x_BTD, cross_kv, mask_BTL, *, cache_layout: bool = False,
+                 dropout_key=None):
+        attention_key, output_key = split_key(dropout_key, 2)
+        out_BTD = self.EncDecAttention(self.layer_norm(x_BTD), *cross_kv, mask_BTL,
+                                       cache_layout=cache_layout, dropout_key=attention_key)
+        return x_BTD + dropout(self.dropout, out_BTD, output_key)
 
 
 class T5DenseGatedActDense(nnx.Module):
@@ -189,9 +235,11 @@ class T5DenseGatedActDense(nnx.Module):
         self.wi_0 = _linear(config, "wi_0", width, inner, ("embed", "mlp"), width ** -0.5, rngs)
         self.wi_1 = _linear(config, "wi_1", width, inner, ("embed", "mlp"), width ** -0.5, rngs)
         self.wo = _linear(config, "wo", inner, width, ("mlp", "embed"), inner ** -0.5, rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate)
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, dropout_key=None):
         hidden_BTF = ACTIVATIONS[self.activation](self.wi_0(x_BTD)) * self.wi_1(x_BTD)
+        hidden_BTF = dropout(self.dropout, hidden_BTF, dropout_key)
         return self.wo(constrain(hidden_BTF, ("act_batch", "act_length", "act_mlp")))
 
 
@@ -203,9 +251,11 @@ class T5DenseActDense(nnx.Module):
         self.activation = config.activation
         self.wi = _linear(config, "wi", width, inner, ("embed", "mlp"), width ** -0.5, rngs)
         self.wo = _linear(config, "wo", inner, width, ("mlp", "embed"), inner ** -0.5, rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate)
 
-    def __call__(self, x_BTD):
-        hidden_BTF = ACTIVATIONS[self.activation](self.wi(x_BTD))
+    def __call__(self, x_BTD, dropout_key=None):
+        hidden_BTF = dropout(self.dropout, ACTIVATIONS[self.activation](self.wi(x_BTD)),
+                             dropout_key)
         return self.wo(constrain(hidden_BTF, ("act_batch", "act_length", "act_mlp")))
 
 
@@ -214,9 +264,12 @@ class T5LayerFF(nnx.Module):
         dense = T5DenseGatedActDense if config.is_gated_act else T5DenseActDense
         self.DenseReluDense = dense(config, rngs=rngs)
         self.layer_norm = t5_layer_norm(config)
+        self.dropout = nnx.Dropout(config.dropout_rate)
 
-    def __call__(self, x_BTD):
-        return x_BTD + self.DenseReluDense(self.layer_norm(x_BTD))
+    def __call__(self, x_BTD, dropout_key=None):
+        inner_key, output_key = split_key(dropout_key, 2)
+        out_BTD = self.DenseReluDense(self.layer_norm(x_BTD), inner_key)
+        return x_BTD + dropout(self.dropout, out_BTD, output_key)
 
 
 class T5EncoderBlock(nnx.Module):
@@ -227,9 +280,10 @@ class T5EncoderBlock(nnx.Module):
             T5LayerSelfAttention(config, relative_bias=relative_bias, bidirectional=True, rngs=rngs),
             T5LayerFF(config, rngs=rngs)])
 
-    def __call__(self, x_BLD, mask_BLL, bias_HLL):
-        x_BLD, _ = self.layer[0](x_BLD, mask_BLL, bias_HLL)
-        return constrain(self.layer[1](x_BLD), _EMBED)
+    def __call__(self, x_BLD, mask_BLL, bias_HLL, dropout_key=None):
+        attention_key, ff_key = split_key(dropout_key, 2)
+        x_BLD, _ = self.layer[0](x_BLD, mask_BLL, bias_HLL, dropout_key=attention_key)
+        return constrain(self.layer[1](x_BLD, ff_key), _EMBED)
 
 
 class T5DecoderBlock(nnx.Module):
@@ -247,12 +301,15 @@ class T5DecoderBlock(nnx.Module):
         return self.layer[1].EncDecAttention.key_values(encoder_hidden_BLD)
 
     def __call__(self, x_BTD, mask_BTS, bias_HTS, cross_kv, cross_mask_BTL, cached_kv=None,
-                 cache_start=None):
+                 cache_start=None, dropout_key=None):
         """Output [B, T, D] and, with a cache, the updated self-attention (keys, values).
 
         cross_kv: `cross_key_values`, or with a cache (decoding) a block's keys and values of
         `t5.CrossKV`, in the cache layout.
         """
-        x_BTD, new_kv = self.layer[0](x_BTD, mask_BTS, bias_HTS, cached_kv, cache_start)
-        x_BTD = self.layer[1](x_BTD, cross_kv, cross_mask_BTL, cache_layout=cached_kv is not None)
-        return constrain(self.layer[2](x_BTD), _EMBED), new_kv
+        self_key, cross_key, ff_key = split_key(dropout_key, 3)
+        x_BTD, new_kv = self.layer[0](x_BTD, mask_BTS, bias_HTS, cached_kv, cache_start,
+                                      dropout_key=self_key)
+        x_BTD = self.layer[1](x_BTD, cross_kv, cross_mask_BTL, cache_layout=cached_kv is not None,
+                              dropout_key=cross_key)
+        return constrain(self.layer[2](x_BTD, ff_key), _EMBED), new_kv

@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state and the Grain iterator, in <output_dir>/checkpoints.
 
-Items of one checkpoint: "params" (trainable variables), "model_state" (the rest of the model:
-frozen base weights under LoRA, RNG streams), "optimizer" (step and optimizer state) and
-"data" (the Grain iterator). The eval binary restores the first two only.
+Items of one checkpoint: `params` (trainable variables), `model_state` (the rest of the model:
+frozen base weights under LoRA, RNG streams), `optimizer` (step and optimizer state) and
+`data` (the Grain iterator). The eval binary restores the first two only.
 
 Every checkpoint carries the SHA-256 of each of its item files (`digests`), written before
 Orbax commits it. Nothing is restored from a checkpoint that fails that check: training sets
@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from mcckd_jax import sharding
 from mcckd_jax.train import digests
 from mcckd_jax.train.state import TrainState
 
@@ -43,15 +44,6 @@ class DamagedCheckpoint(ValueError):
 
 class IncompatibleCheckpoint(ValueError):
     """A verified checkpoint that does not restore into the state it is asked for."""
-
-
-def _abstract(tree, shardings=None):
-    """ShapeDtypeStructs (with the target shardings) that tell Orbax where arrays go."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
 
 
 def verification_problem(directory: pathlib.Path, step: int) -> str | None:
@@ -167,15 +159,16 @@ class Checkpointer:
         return saved
 
     def _restore_items(self, state: TrainState, shardings: TrainState, data_iterator) -> dict:
+        def target(tree, tree_shardings):
+            return ocp.args.StandardRestore(sharding.abstract_with_shardings(tree, tree_shardings))
+
         items = dict(
-            params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
-            optimizer=ocp.args.StandardRestore(_abstract(
-                {"step": state.step, "opt_state": state.opt_state},
-                {"step": shardings.step, "opt_state": shardings.opt_state})),
+            params=target(state.params, shardings.params),
+            optimizer=target({"step": state.step, "opt_state": state.opt_state},
+                             {"step": shardings.step, "opt_state": shardings.opt_state}),
             data=grain.checkpoint.CheckpointRestore(data_iterator))
         if jax.tree.leaves(state.model_state):
-            items["model_state"] = ocp.args.StandardRestore(
-                _abstract(state.model_state, shardings.model_state))
+            items["model_state"] = target(state.model_state, shardings.model_state)
         return items
 
     def restore_latest(self, state: TrainState, shardings: TrainState,
@@ -282,9 +275,11 @@ def restore_params(output_dir: str | pathlib.Path, params_template: Any,
         _check_fits(directory, candidate, {"params": params_template,
                                          "model_state": model_state_template},
                     "the student of this config")
-        items = dict(params=ocp.args.StandardRestore(_abstract(params_template)))
+        items = dict(params=ocp.args.StandardRestore(
+            sharding.abstract_with_shardings(params_template)))
         if jax.tree.leaves(model_state_template):
-            items["model_state"] = ocp.args.StandardRestore(_abstract(model_state_template))
+            items["model_state"] = ocp.args.StandardRestore(
+                sharding.abstract_with_shardings(model_state_template))
         try:
             restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds

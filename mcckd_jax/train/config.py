@@ -5,34 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from mcckd_jax import sharding
-from mcckd_jax.data.pipeline import PipelineConfig
-from mcckd_jax.data.tokenization import TokenizationConfig
+from mcckd_jax.data.run_inputs import DataConfig
 from mcckd_jax.models.pretrained import StudentConfig
 from mcckd_jax.train.optimizer import OptimizerConfig
 from mcckd_jax.train.step import ObjectiveConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Prepared training data and how it becomes batches."""
-
-    train_files: tuple[str, ...] = ()  # prepared JSONL (mcckd-prepare) or MCC-KD JSON files
-    tokenizer: str | None = None  # local tokenizer dir or .gguf; None: the student checkpoint's
-    tokenizer_gguf_file: str | None = None  # GGUF file inside `tokenizer`
-    skip_bad_records: bool = False  # count and skip malformed records instead of stopping
-    max_length_drop_fraction: float = 0.2  # most questions/rationales the length limits may drop
-    tokenization: TokenizationConfig = TokenizationConfig()  # prompt template, lengths, task
-    pipeline: PipelineConfig = PipelineConfig()  # batch size, K, buckets, seed, workers
-
-    def __post_init__(self):
-        if not 0.0 <= self.max_length_drop_fraction <= 1.0:
-            raise ValueError("max_length_drop_fraction must be within [0, 1], got "
-                             f"{self.max_length_drop_fraction}")
-
-
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The ("data", "fsdp", "tensor") device mesh and the logical-axis rules."""
+    """The device mesh (axes `sharding.MESH_AXES`, in that order) and the logical-axis rules."""
 
     per_host: tuple[int, int, int] = (-1, 1, 1)  # sizes within a host; one may be -1 (fill)
     across_hosts: tuple[int, int, int] = (1, 1, 1)  # sizes across hosts (product = processes)

@@ -13,14 +13,14 @@ import logging
 import math
 import signal
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mcckd_jax import config as config_lib
 from mcckd_jax import files, host_memory, sharding
-from mcckd_jax.data import pipeline, records, tokenization
+from mcckd_jax.data import pipeline, run_inputs, tokenization
 from mcckd_jax.models import pretrained
 from mcckd_jax.train import checkpointing, compilation, optimizer, state as train_state
 from mcckd_jax.train import step as train_step
@@ -63,58 +63,11 @@ class TrainResult:
     stopped_by_signal: int | None = None
 
 
-def load_run_tokenizer(config: TrainConfig):
-    """The tokenizer of a run: data.tokenizer, else the student checkpoint's."""
-    data = config.data
-    tokenizer_path = data.tokenizer or config.student.checkpoint
-    if tokenizer_path is None:
-        raise ValueError("data.tokenizer is not set and the student has no checkpoint to take "
-                         "the tokenizer from")
-    return tokenization.load_tokenizer(
-        tokenizer_path, data.tokenizer_gguf_file if data.tokenizer else config.student.gguf_file)
-
-
-def load_train_data(config: TrainConfig, tokenizer, layout: str) -> tokenization.EncodedDataset:
-    """Reads and tokenizes the training files (the same on every process)."""
-    data = config.data
-    if not data.train_files:
-        raise ValueError("data.train_files is empty: give prepared files (mcckd-prepare output)")
-    read = records.read_records(data.train_files, skip_bad_records=data.skip_bad_records,
-                                require_rationales=True, task=data.tokenization.task)
-    if read.skipped:
-        log.warning("skipped %d bad records; first: %s", len(read.skipped), read.skipped[0])
-    encoded, report = tokenization.encode_records(
-        read.records, tokenizer, dataclasses.replace(data.tokenization, layout=layout))
-    log.info("training data: %s", report)
-    if encoded.num_questions == 0:
-        raise ValueError(f"no trainable question in {', '.join(data.train_files)}: {report}")
-    _check_length_drops(report, data)
-    return encoded
-
-
-def _check_length_drops(report: Mapping, data) -> None:
-    """Warns about what data.tokenization.max_length (and max_encoder_length) dropped, and
-    stops when it is more than data.max_length_drop_fraction of the questions or rationales."""
-    lost = report["length_drops"]
-    if not (lost["questions"] or lost["rationales"]):
-        return
-    shares = {kind: lost[kind] / max(report[f"{kind}_in"], 1) for kind in lost}
-    text = (f"the length limits (data.tokenization.max_length={data.tokenization.max_length}, "
-            f"max_encoder_length={data.tokenization.max_encoder_length}) drop "
-            f"{lost['questions']} of {report['questions_in']} questions "
-            f"({shares['questions']:.0%}) and {lost['rationales']} of {report['rationales_in']} "
-            f"rationales ({shares['rationales']:.0%})")
-    if max(shares.values()) > data.max_length_drop_fraction:
-        raise ValueError(f"{text}, more than data.max_length_drop_fraction="
-                         f"{data.max_length_drop_fraction}: raise max_length, or allow it with "
-                         "data.max_length_drop_fraction")
-    log.warning("%s", text)
-
-
-def global_batch(local: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict:
-    """Global arrays from this process's rows of the batch."""
-    return {name: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
-            for name, value in local.items() if name in STEP_FIELDS}
+def _step_batch(local: Mapping[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding
+                ) -> dict:
+    """The global arrays the step takes, from this process's rows of a pipeline batch."""
+    return sharding.global_batch({name: value for name, value in local.items()
+                                  if name in STEP_FIELDS}, batch_sharding)
 
 
 class _CompiledSteps:
@@ -149,30 +102,46 @@ def _check_finite(step: int, metrics: Mapping[str, float], checkpointer) -> None
     raise NonFiniteLoss(f"step {step}: {what}; stopping; {where}")
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Runs (or resumes) the training of `config`."""
+def _check_settings(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """Settings that could only fail later, checked before anything slow starts."""
     files.check_writable_directory(config.run.output_dir, "run.output_dir")
     if config.dev_eval.every and not config.dev_eval.files:
         raise ValueError(f"dev_eval.every is {config.dev_eval.every} but dev_eval.files is "
                          "empty: give dev question files (dev_eval.files=[...]) or set "
                          "dev_eval.every=0")
-    mesh = sharding.make_mesh(config.mesh.per_host, config.mesh.across_hosts)
-    rules = config.mesh.rules
-    questions = config.data.pipeline.batch_size * jax.process_count()
-    if questions % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(
-            f"a global batch of {questions} questions (data.pipeline.batch_size "
-            f"{config.data.pipeline.batch_size} x {jax.process_count()} processes) does not "
-            f"split over the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} "
-            "devices; change data.pipeline.batch_size or mesh.per_host")
-    model_cls, architecture = pretrained.student_architecture(config.student)
-    layout = pretrained.tokenization_layout(model_cls)
-    tokenizer = load_run_tokenizer(config)
-    encoded = load_train_data(config, tokenizer, layout)
+    batch_size = config.data.pipeline.batch_size
+    sharding.check_batch_divides(
+        batch_size * jax.process_count(), mesh,
+        what=f"data.pipeline.batch_size ({batch_size} per process x {jax.process_count()} "
+             "processes) or mesh.per_host")
+
+
+def _load_data(config: TrainConfig, layout: str, vocab_size: int
+               ) -> tuple[Any, tokenization.EncodedDataset]:
+    """(tokenizer, tokenized training data), checked against the student's vocabulary."""
+    tokenizer = run_inputs.load_run_tokenizer(config.data, config.student)
+    encoded = run_inputs.load_train_data(config.data, tokenizer, layout)
     tokenization.check_vocabulary(
         [encoded.prompt_tokens, encoded.rationale_tokens,
-         np.array([encoded.pad_id, encoded.decoder_start_id])],
-        architecture.vocab_size, tokenizer)
+         np.array([encoded.pad_id, encoded.decoder_start_id])], vocab_size, tokenizer)
+    return tokenizer, encoded
+
+
+def _warn_if_replicated(state: train_state.TrainState, mesh: jax.sharding.Mesh) -> None:
+    if (sharding.is_model_parallel(mesh)
+            and (fraction := train_state.replicated_fraction(state, mesh)) > 0.25):
+        log.warning("%.0f%% of the parameter and optimizer bytes are replicated on every device; "
+                    "check mesh.rules", 100 * fraction)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Runs (or resumes) the training of `config`."""
+    mesh = sharding.make_mesh(config.mesh.per_host, config.mesh.across_hosts)
+    rules = config.mesh.rules
+    _check_settings(config, mesh)
+    model_cls, architecture = pretrained.student_architecture(config.student)
+    layout = pretrained.tokenization_layout(model_cls)
+    tokenizer, encoded = _load_data(config, layout, architecture.vocab_size)
     # The data is checked before the weights are read: a mistake costs seconds, not minutes.
     model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
     dataset = pipeline.train_dataset(encoded, config.data.pipeline)
@@ -182,10 +151,7 @@ def train(config: TrainConfig) -> TrainResult:
     tx = optimizer.make_optimizer(config.optimizer, run.steps)
     graphdef, state, shardings = train_state.create_train_state(model, tx, mesh=mesh, rules=rules)
     del model
-    model_parallel = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
-    if model_parallel and (fraction := train_state.replicated_fraction(state, mesh)) > 0.25:
-        log.warning("%.0f%% of the parameter and optimizer bytes are replicated on every device; "
-                    "check mesh.rules", 100 * fraction)
+    _warn_if_replicated(state, mesh)
     dev = None
     if config.dev_eval.every:
         dev = DevEvaluator(config.dev_eval, tokenizer,
@@ -203,7 +169,7 @@ def train(config: TrainConfig) -> TrainResult:
     step_fn = train_step.make_train_step(
         graphdef, tx, config.objective, optimizer.learning_rate_schedule(config.optimizer, run.steps),
         run.micro_batches)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch_sharding = sharding.batch_sharding(mesh)
     logger = MetricsLogger(run.output_dir, total_steps=run.steps, start_step=start,
                            progress_bar=run.progress_bar, tensorboard=run.tensorboard)
     if start:
@@ -232,19 +198,23 @@ def _loop(run, state, iterator, compiled, batch_sharding, checkpointer, logger, 
           start: int, dev: DevEvaluator | None, dev_every: int) -> list[dict]:
     logged, pending, positions_seen = [], None, 0.0
     loss_tokens_seen = [0.0]  # from each step's metrics (the global count, every process)
+    real_tokens_seen = [0.0]  # non-padding tokens, likewise
 
     def flush(pending):
         step, metrics_device, positions = pending
         metrics = {k: float(v) for k, v in jax.device_get(metrics_device).items()}
         _check_finite(step, metrics, checkpointer)
         loss_tokens_seen[0] += metrics["ce_tokens"]
+        real_tokens_seen[0] += metrics["real_tokens"]
         if step % run.log_every == 0 or step == run.steps:
-            logged.append(logger.log(step, metrics, positions, loss_tokens_seen[0]))
+            logged.append(logger.log(step, metrics, positions, loss_tokens_seen[0],
+                                     real_tokens_seen[0]))
         return metrics
 
     for step in range(start + 1, run.steps + 1):
-        batch = global_batch(next(iterator), batch_sharding)
-        positions_seen += float(np.prod(batch["tokens"].shape))
+        batch = _step_batch(next(iterator), batch_sharding)
+        positions_seen += sum(float(np.prod(batch[name].shape))  # padding included
+                              for name in ("tokens", "encoder_tokens") if name in batch)
         state, metrics_device = compiled(state, batch)
         if pending is not None:
             flush(pending)  # step n-1's metrics, fetched after step n is dispatched

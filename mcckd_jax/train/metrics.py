@@ -15,9 +15,11 @@ from collections.abc import Mapping
 import jax
 import tqdm
 
-from mcckd_jax import files
+from mcckd_jax import files, losses
 
-_BAR_FIELDS = ("loss", "ce", "kl", "learning_rate")
+# (label, metrics field) shown in the progress bar: the loss, its terms, the learning rate.
+_BAR_FIELDS = (("loss", "loss"), *((term.bar, term.name) for term in losses.TERMS if term.bar),
+               ("learning_rate", "learning_rate"))
 
 
 def _forget_steps_after(jsonl: pathlib.Path, step: int) -> None:
@@ -39,6 +41,17 @@ def _step_of(line: str) -> int | None:
         return None
 
 
+def _bar_postfix(record: Mapping[str, float]) -> dict[str, str]:
+    """The progress bar's fields: losses, learning rate and throughput (positions/s counts
+    padding; tok/s real tokens only; loss tok/s the tokens the cross-entropy learns from)."""
+    postfix = {label: f"{record[field]:.4g}" for label, field in _BAR_FIELDS if field in record}
+    for label, field in (("pos/s", "positions_per_second"), ("tok/s", "real_tokens_per_second"),
+                         ("loss tok/s", "loss_tokens_per_second")):
+        if field in record:
+            postfix[label] = f"{record[field]:.0f}"
+    return postfix
+
+
 class MetricsLogger:
     """Writes one record per logged step; `close()` flushes everything."""
 
@@ -48,7 +61,7 @@ class MetricsLogger:
         self.output_dir = pathlib.Path(output_dir)
         self._bar = self._jsonl = self._tensorboard = None
         self._last_time = time.perf_counter()
-        self._last_positions = self._last_loss_tokens = 0.0
+        self._last_positions = self._last_loss_tokens = self._last_real_tokens = 0.0
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +79,7 @@ class MetricsLogger:
                                   dynamic_ncols=True)
 
     def log(self, step: int, metrics: Mapping[str, float], positions: float,
-            loss_tokens: float) -> dict[str, float]:
+            loss_tokens: float, real_tokens: float | None = None) -> dict[str, float]:
         """Records the metrics of `step` (1-based, after the update) and the throughput since
         the previous call; returns the record.
 
@@ -74,13 +87,19 @@ class MetricsLogger:
           positions: positions computed since the run started (padding and prompts included:
             what the accelerator works on).
           loss_tokens: rationale tokens learned from since the run started (loss_mask).
+          real_tokens: non-padding tokens since the run started (prompts, rationales and, for
+            encoder-decoder students, encoder tokens: the step's `real_tokens`); None: not
+            recorded.
         """
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()},
                   "positions_per_second": (positions - self._last_positions) / elapsed,
-                  "loss_tokens_per_second": (loss_tokens - self._last_loss_tokens) / elapsed,
-                  "time": time.time()}
+                  "loss_tokens_per_second": (loss_tokens - self._last_loss_tokens) / elapsed}
+        if real_tokens is not None:
+            record["real_tokens_per_second"] = (real_tokens - self._last_real_tokens) / elapsed
+            self._last_real_tokens = real_tokens
+        record["time"] = time.time()
         self._last_time, self._last_positions, self._last_loss_tokens = now, positions, loss_tokens
         if not self.enabled:
             return record
@@ -92,10 +111,7 @@ class MetricsLogger:
                     self._tensorboard.add_scalar(f"train/{name}", value, step)
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix({**{k: f"{record[k]:.4g}" for k in _BAR_FIELDS if k in record},
-                                   "pos/s": f"{record['positions_per_second']:.0f}",
-                                   "loss tok/s": f"{record['loss_tokens_per_second']:.0f}"},
-                                  refresh=False)
+            self._bar.set_postfix(_bar_postfix(record), refresh=False)
             self._bar.refresh()
         return record
 

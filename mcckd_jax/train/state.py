@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mcckd_jax import sharding
 from mcckd_jax.models.lora import trainable_filter
@@ -34,16 +33,6 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, trainable_filter(model.config), ...)
 
 
-def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
-                    rules: sharding.LogicalRules) -> TrainState:
-    """NamedShardings of every leaf, from the logical axes the variables carry; leaves
-    without any (step, optimizer counters) are replicated."""
-    with sharding.activate(mesh, rules):
-        specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *,
                        mesh: jax.sharding.Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
@@ -60,7 +49,7 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
 
     with sharding.activate(mesh, rules):
         abstract = jax.eval_shape(build, params, model_state)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = sharding.tree_shardings(abstract, mesh, rules)
     with sharding.activate(mesh, rules):
         state = jax.jit(build, out_shardings=shardings)(params, model_state)
     return graphdef, state, shardings

@@ -1,10 +1,12 @@
 """The pure train step `(state, batch) -> (state, metrics)` of MCC-KD.
 
-The MCC-KD loss (README, "The method") through `mcckd_jax.losses`: a chunked cross-entropy
-over all K rationales from hidden states, and the consistency KL from logits at the span
-positions only.
-Gradient accumulation is exact: each micro-batch's CE and KL are weighted by its share of the
-whole batch's token and question counts, which the masks give before any forward pass.
+The MCC-KD loss (README, "The method") as the table of terms `mcckd_jax.losses.TERMS`: a
+chunked cross-entropy over all K rationales from hidden states, and the consistency KL from
+logits at the span positions only, each term a (sum, count) pair weighted by the objective
+config (CE 1, KL alpha).
+Gradient accumulation is exact: each micro-batch's term enters as its sum over the whole
+batch's count, which the masks give before any forward pass; the (sum, count) pairs of the
+micro-batches add up to the batch's.
 
 Shape legend: A micro-batches, B questions, K rationales, L length, E encoder length, D width.
 """
@@ -41,20 +43,28 @@ class ObjectiveConfig:
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
+    def loss_settings(self) -> losses.LossSettings:
+        return losses.LossSettings(temperature=self.temperature, formulation=self.formulation,
+                                   chunk_size=self.chunk_size)
 
-def student_hidden(model: nnx.Module, batch: Batch) -> jax.Array:
-    """Final hidden states [B, K, L, D] of every rationale; T5 encodes each question once."""
-    tokens_BKL = batch["tokens"]
-    batch_size, num_views, length = tokens_BKL.shape
-    flat_tokens = tokens_BKL.reshape(batch_size * num_views, length)
-    if "encoder_tokens" in batch:
-        encoder_hidden_BED = model.encode(batch["encoder_tokens"], batch["encoder_mask"])
-        hidden = model.decode_all(flat_tokens, jnp.repeat(encoder_hidden_BED, num_views, axis=0),
-                                  jnp.repeat(batch["encoder_mask"], num_views, axis=0))
-    else:
-        # Right padding under a causal mask: real tokens never see pads, which the loss masks.
-        hidden = model(flat_tokens)
-    return hidden.reshape(batch_size, num_views, length, -1)
+    def term_weights(self) -> dict[str, float]:
+        """{term name: weight} of the terms in the loss; named weights are fields of this
+        config (`losses.Term.weight`)."""
+        return losses.term_weights(dataclasses.asdict(self))
+
+
+def real_token_count(batch: Batch) -> jax.Array:
+    """Non-padding positions of a train batch (float32): in every sequence the positions up to
+    its last loss_mask position (prompt and rationale come first, padding last), plus the real
+    encoder tokens of an encoder-decoder batch."""
+    loss_mask_BKL = batch["loss_mask"].astype(bool)
+    length = loss_mask_BKL.shape[-1]
+    last_plus_one_BK = length - jnp.argmax(loss_mask_BKL[..., ::-1], axis=-1)
+    count = jnp.sum(jnp.where(jnp.any(loss_mask_BKL, axis=-1), last_plus_one_BK, 0)
+                    .astype(jnp.float32))
+    if "encoder_mask" in batch:
+        count += jnp.sum(batch["encoder_mask"].astype(jnp.float32))
+    return count
 
 
 def split_micro_batches(batch: Batch, num_micro_batches: int) -> Batch:
@@ -69,46 +79,38 @@ def split_micro_batches(batch: Batch, num_micro_batches: int) -> Batch:
     return {name: split(value) for name, value in batch.items()}
 
 
-_SUMMED = ("ce_tokens", "kl_count", "kl_questions", "kl_pairs", "span_tokens",
-           "single_rationale_questions")
-
-
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     objective: ObjectiveConfig, learning_rate: Callable[[jax.Array], jax.Array],
                     num_micro_batches: int = 1) -> Callable[[TrainState, Batch],
                                                             tuple[TrainState, dict]]:
     """The pure step; jit it with the state's shardings and donate the state."""
+    settings, weights = objective.loss_settings(), objective.term_weights()
+    weighted_terms = [term for term in losses.TERMS if term.name in weights]
 
-    def micro_loss(params, model_state, micro, ce_total, kl_total):
-        model = nnx.merge(graphdef, params, model_state)
-        _, metrics = losses.mcc_kd_loss(
-            student_hidden(model, micro), model.output_weight(), micro["targets"],
-            micro["loss_mask"], micro["span_positions"], micro["span_mask"],
-            micro["rationale_mask"], alpha=objective.alpha, temperature=objective.temperature,
-            chunk_size=objective.chunk_size, formulation=objective.formulation)
-        weighted = (metrics["ce"] * metrics["ce_tokens"] / ce_total
-                    + objective.alpha * metrics["kl"] * metrics["kl_count"] / kl_total)
-        return weighted, (metrics, nnx.state(model, nnx.RngState))
+    def micro_loss(params, model_state, micro, totals):
+        # copy: the dropout streams of model_state are advanced inside this trace.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
+        outputs = losses.student_outputs(model.batch_hidden(micro), model.output_weight(),
+                                         micro["span_positions"],
+                                         logit_softcap=model.final_logit_softcap)
+        sums = losses.evaluate_terms(outputs, micro, settings)
+        return losses.weighted_loss(sums, weights, totals), (sums, nnx.state(model, nnx.RngState))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        ce_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        kl_total = jnp.maximum(losses.consistency_count(batch["span_mask"], batch["rationale_mask"],
-                                                        objective.formulation), 1.0)
+        totals = {term.name: term.batch_count(batch, settings) for term in weighted_terms}
 
         def accumulate(carry, micro):
             grads, sums, model_state = carry
-            (_, (metrics, rng_state)), micro_grads = grad_fn(state.params, model_state, micro,
-                                                             ce_total, kl_total)
+            (_, (micro_sums, rng_state)), micro_grads = grad_fn(state.params, model_state, micro,
+                                                                totals)
             model_state = nnx.merge_state(model_state, rng_state)
-            sums = {"ce_sum": sums["ce_sum"] + metrics["ce"] * metrics["ce_tokens"],
-                    "kl_sum": sums["kl_sum"] + metrics["kl"] * metrics["kl_count"],
-                    "agree_sum": sums["agree_sum"] + metrics["argmax_agreement"] * metrics["span_tokens"],
-                    **{k: sums[k] + metrics[k] for k in _SUMMED}}
-            return (jax.tree.map(jnp.add, grads, micro_grads), sums, model_state), None
+            return (jax.tree.map(jnp.add, grads, micro_grads),
+                    jax.tree.map(jnp.add, sums, micro_sums), model_state), None
 
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "kl_sum", "agree_sum", *_SUMMED)}
+        zero = jnp.zeros((), jnp.float32)
+        zero_sums = {term.name: (zero, zero) for term in losses.TERMS}
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
         (grads, sums, model_state), _ = jax.lax.scan(
             accumulate, (zero_grads, zero_sums, state.model_state),
@@ -116,15 +118,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ce = sums["ce_sum"] / jnp.maximum(sums["ce_tokens"], 1.0)
-        kl = sums["kl_sum"] / jnp.maximum(sums["kl_count"], 1.0)
-        metrics = {"loss": ce + objective.alpha * kl, "ce": ce, "kl": kl,
-                   "argmax_agreement": sums["agree_sum"] / jnp.maximum(sums["span_tokens"], 1.0),
+        metrics = {**losses.term_metrics(sums, weights),
+                   **losses.rationale_counts(batch["span_mask"], batch["rationale_mask"]),
+                   "real_tokens": real_token_count(batch),
                    "grad_norm": optax.tree.norm(grads),
                    # Of the updated parameters: the loop saves no state whose weights overflowed.
                    "param_norm": optax.tree.norm(params),
-                   "learning_rate": learning_rate(state.step),
-                   **{k: sums[k] for k in _SUMMED}}
+                   "learning_rate": learning_rate(state.step)}
         new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
                                opt_state=opt_state)
         return new_state, metrics
