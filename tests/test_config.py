@@ -128,3 +128,12 @@ def test_every_shipped_config_loads_and_gives_its_command(path):
     header = path.read_text().splitlines()[:8]
     assert header[0].startswith("# ")
     assert any(f"mcckd-train configs/{path.name}" in line for line in header)
+
+
+def test_a_dev_eval_max_questions_below_one_is_a_one_line_error():
+    from mcckd_jax.train.config import TrainConfig
+
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.load(TrainConfig, None, ["dev_eval.max_questions=-1"])
+    assert "dev_eval.max_questions must be >= 1" in str(error.value)
+    assert "\n" not in str(error.value)

@@ -55,6 +55,9 @@ class EvalConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.num_samples < 1:
             raise ValueError("batch_size and num_samples must be >= 1")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ValueError(f"max_questions must be >= 1 (or unset for all questions), got "
+                             f"{self.max_questions}")
         if self.num_samples > 1 and self.sampling.temperature <= 0:
             raise ValueError(f"num_samples={self.num_samples} votes over samples: set a "
                              "temperature > 0 (greedy samples would all be the same)")

@@ -55,6 +55,9 @@ class DevEvalConfig:
     def __post_init__(self):
         if self.every < 0 or self.keep_best < 0:
             raise ValueError("dev_eval.every and dev_eval.keep_best must be >= 0")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ValueError(f"dev_eval.max_questions must be >= 1 (or unset for all "
+                             f"questions), got {self.max_questions}")
 
 
 @dataclasses.dataclass(frozen=True)
