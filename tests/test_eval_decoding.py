@@ -313,3 +313,107 @@ def test_greedy_decoding_with_the_cache_equals_transformers_generate(smollm2):
             pad_token_id=tokenizer.pad_token_id))
     assert expected.shape == (len(questions), 32)
     np.testing.assert_array_equal(ours, expected)
+
+
+def _row_keys(seed, rows):
+    return jax.random.split(jax.random.key(seed), rows)
+
+
+def test_row_keys_make_a_row_independent_of_its_neighbours_and_position(tiny_llama, mesh):
+    _, model = tiny_llama
+    prompt_BL, mask_BL = left_padded_prompts(10, 96, lengths=(8, 5, 2, 8), width=8)
+    keys_B = _row_keys(0, 4)
+    run = functools.partial(generate, model, sampling=SamplingConfig(1.0, 0.95, 12),
+                            eos_token_ids=(), pad_token_id=PAD)
+    others_BL, other_mask_BL = left_padded_prompts(11, 96, lengths=(3, 8, 7, 1, 6, 4, 8),
+                                                   width=8)
+    permutation = np.asarray([2, 0, 3, 1])
+    with sharding.activate(mesh):
+        full = np.asarray(run(prompt_BL, mask_BL, row_keys=keys_B))
+        permuted = np.asarray(run(prompt_BL[permutation], mask_BL[permutation],
+                                  row_keys=keys_B[permutation]))
+        alone = np.asarray(run(prompt_BL[1:2], mask_BL[1:2], row_keys=keys_B[1:2]))
+        # Row 1 at position 5 of 8, among other prompts and keys.
+        crowd = np.asarray(run(np.insert(others_BL, 5, prompt_BL[1], 0),
+                               np.insert(other_mask_BL, 5, mask_BL[1], 0),
+                               row_keys=jax.numpy.concatenate(
+                                   [_row_keys(1, 5), keys_B[1:2], _row_keys(2, 2)])))
+        # The control: one key for the batch makes a row's draws depend on its position.
+        batch_key = np.asarray(run(prompt_BL, mask_BL, rng=jax.random.key(0)))
+        batch_key_permuted = np.asarray(run(prompt_BL[permutation], mask_BL[permutation],
+                                            rng=jax.random.key(0)))
+        same_prompt_other_keys = np.asarray(run(prompt_BL[[1, 1]], mask_BL[[1, 1]],
+                                                row_keys=_row_keys(3, 2)))
+    np.testing.assert_array_equal(permuted, full[permutation])
+    np.testing.assert_array_equal(alone[0], full[1])
+    np.testing.assert_array_equal(crowd[5], full[1])
+    assert (batch_key_permuted != batch_key[permutation]).mean() > 0.5
+    assert (same_prompt_other_keys[0] != same_prompt_other_keys[1]).mean() > 0.5
+
+
+def test_row_keys_draw_token_n_with_fold_in_of_the_row_key(mesh):
+    temperature = 0.8
+    with sharding.activate(mesh):
+        model = decoder.DecoderModel(llama.tiny(initializer_range=0.3), rngs=nnx.Rngs(4))
+        prompt_BL, mask_BL = left_padded_prompts(12, 128, lengths=(6, 3, 5, 1), width=6)
+        logits_BV = np.asarray(model.logits(model(
+            jnp.asarray(prompt_BL), positions_BL=jnp.asarray(
+                np.maximum(np.cumsum(mask_BL, 1) - 1, 0)),
+            attention_mask_BL=jnp.asarray(mask_BL))))[:, -1]
+        keys_B = _row_keys(5, 4)
+        tokens_B1 = np.asarray(generate(model, prompt_BL, mask_BL,
+                                        sampling=SamplingConfig(temperature, 1.0, 1),
+                                        eos_token_ids=(), pad_token_id=PAD, row_keys=keys_B))
+    # Unbatched draws, one row at a time, from logits computed without the decoder.
+    expected = [int(jax.random.categorical(jax.random.fold_in(keys_B[b], 0),
+                                           jnp.asarray(logits_BV[b]) / temperature))
+                for b in range(4)]
+    assert tokens_B1[:, 0].tolist() == expected
+
+
+def test_row_keys_sample_the_tempered_nucleus(mesh):
+    temperature, top_p, rows = 0.7, 0.8, 8192
+    with sharding.activate(mesh):
+        model = decoder.DecoderModel(llama.tiny(initializer_range=0.3), rngs=nnx.Rngs(3))
+        prompt_1L, mask_1L = left_padded_prompts(3, 128, lengths=(6,), width=6)
+        logits_V = np.asarray(model.logits(model(
+            jnp.asarray(prompt_1L), attention_mask_BL=jnp.asarray(mask_1L))))[0, -1]
+        tokens_B1 = generate(model, np.repeat(prompt_1L, rows, 0), np.repeat(mask_1L, rows, 0),
+                             sampling=SamplingConfig(temperature, top_p, max_new_tokens=1),
+                             eos_token_ids=(), pad_token_id=PAD, row_keys=_row_keys(7, rows))
+    nucleus_V, edge_margin = _nucleus_probabilities(logits_V, temperature, top_p)
+    kept = nucleus_V > 0
+    assert 4 <= kept.sum() <= 64 and edge_margin > 1e-4
+    counts_V = np.bincount(np.asarray(tokens_B1)[:, 0], minlength=128)
+    assert counts_V[~kept].sum() == 0
+    assert scipy.stats.chisquare(counts_V[kept], rows * nucleus_V[kept]).pvalue > 1e-3
+
+
+def test_left_padding_to_a_wider_bucket_changes_no_token(tiny_llama, mesh):
+    _, model = tiny_llama
+    narrow_BL, narrow_mask_BL = left_padded_prompts(13, 96, lengths=(8, 5, 2, 7), width=8)
+    wide_BL = np.pad(narrow_BL, ((0, 0), (24, 0)), constant_values=PAD)
+    wide_mask_BL = np.pad(narrow_mask_BL, ((0, 0), (24, 0)))
+    keys_B = _row_keys(8, 4)
+    outputs = []
+    for prompt_BL, mask_BL in ((narrow_BL, narrow_mask_BL), (wide_BL, wide_mask_BL)):
+        with sharding.activate(mesh):
+            outputs.append([np.asarray(generate(
+                model, prompt_BL, mask_BL, sampling=sampling, eos_token_ids=(),
+                pad_token_id=PAD, row_keys=keys_B if sampling.temperature else None))
+                for sampling in (SamplingConfig(max_new_tokens=16),
+                                 SamplingConfig(1.0, 0.95, 16))])
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+
+
+def test_row_keys_are_checked(tiny_llama):
+    _, model = tiny_llama
+    prompt_BL, mask_BL = left_padded_prompts(14, 96, lengths=(3, 2), width=4)
+    run = functools.partial(generate, model, prompt_BL, mask_BL,
+                            sampling=SamplingConfig(1.0, 1.0, 2), eos_token_ids=(),
+                            pad_token_id=PAD)
+    with pytest.raises(ValueError, match="not both"):
+        run(rng=jax.random.key(0), row_keys=_row_keys(0, 2))
+    with pytest.raises(ValueError, match="one key per prompt row"):
+        run(row_keys=_row_keys(0, 3))

@@ -29,6 +29,9 @@ def go_offline() -> None:
     for name in OFFLINE_VARIABLES:
         os.environ[name] = "1"
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers' own progress bars (loading weights, reading files); the commands have
+    # their own. Set HF_HUB_DISABLE_PROGRESS_BARS=0 to see them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def setup_logging(level: str) -> None:

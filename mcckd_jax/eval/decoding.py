@@ -10,6 +10,10 @@ sampling config): bucket prompt lengths (`mcckd_jax.data.batching.bucket_for`) t
 number of compilations. It is a `lax.while_loop` over a fixed [B, N] buffer that stops as
 soon as every row has emitted EOS.
 
+Sampling draws token n with fold_in(key, n): one key for the whole batch (the eval runner), or
+one key per row (`row_keys`, the local teacher), which makes a row's output independent of the
+other rows and of its position in the batch.
+
 Shape legend: B batch, L prompt length, N new tokens, V vocabulary, D hidden width.
 """
 
@@ -78,19 +82,34 @@ def greedy_tokens(logits_BV: jax.Array) -> jax.Array:
 
 
 def choose_tokens(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """Next tokens [B] int32: argmax at temperature 0, else a draw from the tempered nucleus."""
+    """Next tokens [B] int32: argmax at temperature 0, else a draw from the tempered nucleus.
+
+    Args:
+      key: one key for the whole batch, or [B] keys, one per row: then row b's draw depends on
+        its own key and logits only, not on its neighbours or its position in the batch.
+    """
     if sampling.temperature == 0.0:
         return greedy_tokens(logits_BV)
     scaled_BV = logits_BV.astype(jnp.float32) / sampling.temperature
     if sampling.top_p < 1.0:
         scaled_BV = nucleus_logits(scaled_BV, sampling.top_p)
-    return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
+    if key.ndim == 0:
+        return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(key, scaled_BV).astype(jnp.int32)
+
+
+def _step_key(rng: jax.Array, index: jax.Array) -> jax.Array:
+    """The key(s) of token `index`: fold_in(rng, index), row by row for [B] row keys."""
+    if rng.ndim == 0:
+        return jax.random.fold_in(rng, index)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, index)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_token_ids",
                                              "pad_token_id"))
 def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: SamplingConfig,
               eos_token_ids: tuple[int, ...], pad_token_id: int):
+    # rng: one key for the batch, or [B] row keys (then every draw is made row by row).
     model = nnx.merge(graphdef, state)
     prompt_BL = constrain(prompt_BL, _BATCH)
     prompt_mask_BL = constrain(prompt_mask_BL, _BATCH)
@@ -98,7 +117,7 @@ def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: Samp
     eos = jnp.asarray(eos_token_ids, jnp.int32)
 
     def emit(logits_BV, index, done_B):
-        token_B = choose_tokens(logits_BV, jax.random.fold_in(rng, index), sampling)
+        token_B = choose_tokens(logits_BV, _step_key(rng, index), sampling)
         token_B = jnp.where(done_B, pad_token_id, token_B)
         return token_B, done_B | jnp.isin(token_B, eos)
 
@@ -127,35 +146,43 @@ def _generate(graphdef, state, prompt_BL, prompt_mask_BL, rng, *, sampling: Samp
 
 def generate(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array, *,
              sampling: SamplingConfig, eos_token_ids: tuple[int, ...], pad_token_id: int,
-             rng: jax.Array | None = None) -> jax.Array:
+             rng: jax.Array | None = None, row_keys: jax.Array | None = None) -> jax.Array:
     """Continuations [B, N] int32 of a batch of prompts; after its EOS a row holds pad_token_id.
 
     Args:
       model: a student (`mcckd_jax.models.student.Student`); decoder-only prompts are
         left-padded, an encoder-decoder student reads the prompt with its encoder.
       prompt_mask_BL: 1 for real prompt tokens.
-      rng: a `jax.random.key`; required when sampling.temperature > 0 (token n is drawn with
-        fold_in(rng, n), so the same key gives the same output).
+      rng: a `jax.random.key` for the whole batch (token n is drawn with fold_in(rng, n), so
+        the same key gives the same output, but a row's draws depend on its position).
+      row_keys: instead of rng, [B] keys, one per row: row b's token n is drawn with
+        fold_in(row_keys[b], n), so that its output does not depend on the other rows or on
+        its position. One of the two is required when sampling.temperature > 0.
     """
     return generate_with_step_count(model, prompt_BL, prompt_mask_BL, sampling=sampling,
                                     eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                                    rng=rng)[0]
+                                    rng=rng, row_keys=row_keys)[0]
 
 
 def generate_with_step_count(model: nnx.Module, prompt_BL: jax.Array, prompt_mask_BL: jax.Array,
                              *, sampling: SamplingConfig, eos_token_ids: tuple[int, ...],
-                             pad_token_id: int,
-                             rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                             pad_token_id: int, rng: jax.Array | None = None,
+                             row_keys: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`generate`'s tokens [B, N] and the number of single-token decoding steps it ran after
     the prompt (int32 scalar): N - 1, or fewer when every row emitted EOS earlier."""
     if not hasattr(model, "start_generation"):
         raise TypeError(f"{type(model).__name__} is not a student (mcckd_jax.models.student)")
-    if sampling.temperature > 0 and rng is None:
+    if rng is not None and row_keys is not None:
+        raise ValueError("give either rng (one key for the batch) or row_keys, not both")
+    if sampling.temperature > 0 and rng is None and row_keys is None:
         raise ValueError(f"sampling at temperature {sampling.temperature} needs an rng key")
+    if row_keys is not None and row_keys.shape != prompt_BL.shape[:1]:
+        raise ValueError(f"row_keys must hold one key per prompt row ({prompt_BL.shape[0]}), "
+                         f"got shape {row_keys.shape}")
+    keys = row_keys if row_keys is not None else jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, jnp.asarray(prompt_BL, jnp.int32),
-                     jnp.asarray(prompt_mask_BL, jnp.int32),
-                     jax.random.key(0) if rng is None else rng, sampling=sampling,
+                     jnp.asarray(prompt_mask_BL, jnp.int32), keys, sampling=sampling,
                      eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id)
 
 

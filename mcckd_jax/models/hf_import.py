@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import pathlib
@@ -102,8 +103,11 @@ def _gguf_tensors(file: pathlib.Path, stack: contextlib.ExitStack) -> Iterator[t
             else transformers.AutoModelForCausalLM)
     with torch.device("meta"):
         skeleton = auto.from_config(hf_config)
-    tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton,
-                                   torch_dtype=torch.float32)["tensors"]
+    # transformers draws a tqdm bar over the tensors on stderr (no switch turns it off alone);
+    # the commands show their own progress. Exceptions still propagate.
+    with contextlib.redirect_stderr(io.StringIO()):
+        tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton,
+                                       torch_dtype=torch.float32)["tensors"]
     for name, tensor in tensors.items():
         yield name, LazyTensor.of(tensor.numpy())
 
