@@ -141,7 +141,7 @@ def apply_overrides(config: T, overrides: Sequence[str]) -> T:
                     node[part] = yaml.safe_load(raw)
                 except yaml.YAMLError as error:
                     raise ConfigError(f"override {override!r}: {key}: not valid YAML "
-                                      f"{_yaml_problem(error, lines=False)}") from None
+                                      f"{yaml_problem(error, lines=False)}") from None
             else:
                 cls = dict if cls is dict else _section_of(typing.get_type_hints(cls)[part])
                 node[part] = node.get(part) if isinstance(node.get(part), dict) else {}
@@ -149,7 +149,7 @@ def apply_overrides(config: T, overrides: Sequence[str]) -> T:
     return from_dict(type(config), data)
 
 
-def _yaml_problem(error: yaml.YAMLError, lines: bool) -> str:
+def yaml_problem(error: yaml.YAMLError, lines: bool = True) -> str:
     """Where (1-based; the column alone for a one-line value) and what, on one line.
 
     PyYAML's own message spans several lines and quotes the input with a caret under it.
@@ -182,7 +182,7 @@ def load(cls: type[T], path: str | os.PathLike | None, overrides: Sequence[str] 
         try:
             data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML {_yaml_problem(error, lines=True)}"
+            raise ConfigError(f"{path}: not valid YAML {yaml_problem(error, lines=True)}"
                               ) from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from mcckd_jax import config
 from mcckd_jax.data import answers
 
 PLACEHOLDER = "{question}"
@@ -120,7 +121,7 @@ def load_prompt(name_or_path: str | os.PathLike, task: str) -> PromptTemplate:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise PromptError(path, None, f"not valid YAML {_yaml_problem(error)}") from None
+        raise PromptError(path, None, f"not valid YAML {config.yaml_problem(error)}") from None
     if not isinstance(data, Mapping):
         raise PromptError(path, None, "expected a mapping with the fields "
                           f"{', '.join(_FIELDS)}, got {type(data).__name__}")
@@ -190,14 +191,3 @@ def _optional_text(data: Mapping[str, Any], key: str, path, field: str) -> str |
     if not value.strip():
         raise PromptError(path, field, "empty")
     return value.strip()
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """Where (1-based) and what, on one line (PyYAML's own message spans several lines)."""
-    what = ", ".join(part for part in (getattr(error, "context", None),
-                                       getattr(error, "problem", None)) if part)
-    what = " ".join((what or str(error)).split())
-    mark = getattr(error, "problem_mark", None)
-    if mark is None:
-        return f"({what})"
-    return f"at line {mark.line + 1} column {mark.column + 1}: {what}"
