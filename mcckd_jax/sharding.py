@@ -127,6 +127,24 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def pure_data_parallel_size(mesh: Mesh) -> int:
+    """Devices that split the batch but hold whole weights (the "data" axis)."""
+    return mesh.shape["data"]
+
+
+def weights_split_over_batch_axes(per_host: Sequence[int]) -> list[int]:
+    """Per-host mesh sizes with the data-parallel devices moved to fsdp (same batch split,
+    weights split over them too)."""
+    return [1, -1, int(per_host[MESH_AXES.index("tensor")])]
+
+
+def tensor_parallel_per_host(devices_per_host: int) -> list[int]:
+    """Per-host mesh sizes that split every weight over "tensor" within a host."""
+    sizes = [1, 1, 1]
+    sizes[MESH_AXES.index("tensor")] = devices_per_host
+    return sizes
+
+
 def is_model_parallel(mesh: Mesh) -> bool:
     """Whether the parameters are split over more than one device (MODEL_AXES)."""
     return math.prod(mesh.shape[axis] for axis in MODEL_AXES) > 1
@@ -164,7 +182,13 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT
     without any (a step counter, an optimizer count, an RNG key) are replicated."""
     with activate(mesh, rules):
         specs = nnx.get_partition_spec(abstract_tree)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+
+    def placed(spec: PartitionSpec, leaf) -> NamedSharding:
+        # A leaf of lower rank than its axes say (Adafactor's factored moments carry their
+        # parameter's names) is small: replicated.
+        return NamedSharding(mesh, spec if len(spec) <= len(leaf.shape) else PartitionSpec())
+
+    return jax.tree.map(placed, specs, abstract_tree,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

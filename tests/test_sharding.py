@@ -148,6 +148,23 @@ def test_tree_shardings_follow_the_logical_axes_through_the_rules():
     assert _flat_specs(swapped)[("norm_D",)] == P("data")
 
 
+def test_adafactor_factored_moments_are_replicated_not_given_their_parameters_axes():
+    import optax
+
+    mesh = sharding.make_mesh((2, 2, 2))
+    with sharding.activate(mesh):
+        params = nnx.state(nnx.eval_shape(_Annotated), nnx.Param)
+        opt_state = jax.eval_shape(optax.adafactor(1e-3, min_dim_size_to_factor=4).init, params)
+    shardings = sharding.tree_shardings(opt_state, mesh, sharding.DEFAULT_RULES)
+    leaves = jax.tree.leaves(opt_state)
+    placed = jax.tree.leaves(shardings)
+    assert len(leaves) == len(placed)
+    for leaf, where in zip(leaves, placed):
+        assert len(where.spec) <= len(leaf.shape)  # a valid sharding for every moment
+    # The [D] and [F] factors of kernel_DF [D, F] carry its two names but have one axis each.
+    assert any(len(leaf.shape) == 1 and where.spec == P() for leaf, where in zip(leaves, placed))
+
+
 def test_abstract_with_shardings_carries_the_given_or_the_leaves_own_shardings():
     mesh = sharding.make_mesh((4, 2, 1))
     rows = jax.sharding.NamedSharding(mesh, P("data"))

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--log_level", default="WARNING",
                         help="Python logging level (INFO: data report, compiled memory, restores)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value after a flag too
     process.go_offline()
     try:
         process.setup_logging(args.log_level)

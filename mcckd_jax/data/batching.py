@@ -55,6 +55,23 @@ def _fill_row(data: EncodedDataset, q: int, r: int, tokens_L: np.ndarray, target
     span_positions_S[:span_length] = len(prefix) - 1 + data.span_start[r] + np.arange(span_length)
 
 
+def train_batch_spec(batch_size: int, num_rationales: int, length: int, span_length: int,
+                     encoder_length: int | None = None) -> dict[str, tuple[tuple[int, ...], type]]:
+    """{field: (shape, numpy dtype)} of a train batch (the table in the module docstring);
+    with `encoder_length` the encoder-decoder fields too."""
+    shape_BKL = (batch_size, num_rationales, length)
+    spec = {"tokens": (shape_BKL, np.int32), "targets": (shape_BKL, np.int32),
+            "loss_mask": (shape_BKL, np.bool_),
+            "rationale_mask": ((batch_size, num_rationales), np.bool_),
+            "span_positions": ((batch_size, num_rationales, span_length), np.int32),
+            "span_mask": ((batch_size, span_length), np.bool_),
+            "question_index": ((batch_size,), np.int32)}
+    if encoder_length is not None:
+        spec["encoder_tokens"] = ((batch_size, encoder_length), np.int32)
+        spec["encoder_mask"] = ((batch_size, encoder_length), np.bool_)
+    return spec
+
+
 def build_train_batch(data: EncodedDataset, questions_B: Sequence[int],
                       choices_B: Sequence[Sequence[int]], *, num_rationales: int, length: int,
                       span_length: int, encoder_length: int | None = None) -> dict[str, np.ndarray]:
@@ -67,19 +84,12 @@ def build_train_batch(data: EncodedDataset, questions_B: Sequence[int],
       num_rationales: K. length: L. span_length: S. encoder_length: E (encoder-decoder only).
     """
     batch_size = len(questions_B)
-    shape_BKL = (batch_size, num_rationales, length)
-    batch = {
-        "tokens": np.full(shape_BKL, data.pad_id, np.int32),
-        "targets": np.full(shape_BKL, data.pad_id, np.int32),
-        "loss_mask": np.zeros(shape_BKL, bool),
-        "rationale_mask": np.zeros((batch_size, num_rationales), bool),
-        "span_positions": np.zeros((batch_size, num_rationales, span_length), np.int32),
-        "span_mask": np.zeros((batch_size, span_length), bool),
-        "question_index": np.asarray(questions_B, np.int32).reshape(batch_size),
-    }
-    if data.layout == "encoder_decoder":
-        batch["encoder_tokens"] = np.full((batch_size, encoder_length), data.pad_id, np.int32)
-        batch["encoder_mask"] = np.zeros((batch_size, encoder_length), bool)
+    spec = train_batch_spec(batch_size, num_rationales, length, span_length,
+                            encoder_length if data.layout == "encoder_decoder" else None)
+    padded = ("tokens", "targets", "encoder_tokens")
+    batch = {name: np.full(shape, data.pad_id if name in padded else 0, dtype)
+             for name, (shape, dtype) in spec.items()}
+    batch["question_index"][:] = questions_B
     for b, (q, chosen) in enumerate(zip(questions_B, choices_B)):
         if q < 0:
             continue

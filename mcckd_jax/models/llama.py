@@ -71,6 +71,19 @@ def llama2_7b(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**dict(max_position_embeddings=4096, rms_norm_eps=1e-5), **overrides})
 
 
+def llama2_13b(**overrides) -> LlamaConfig:
+    """LLaMA(-2)-13B: 40 layers, width 5120, 40 heads (the paper's larger LLaMA student)."""
+    return llama2_7b(**{**dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                               num_attention_heads=40, num_key_value_heads=40), **overrides})
+
+
+def llama3_1_8b(**overrides) -> LlamaConfig:
+    """Llama-3.1-8B: Llama-3-8B's shape with llama3 RoPE scaling to a 131072-token context."""
+    rope = RopeConfig(rope_theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                      high_freq_factor=4.0, original_max_position_embeddings=8192)
+    return llama3_8b(**{**dict(rope=rope, max_position_embeddings=131072), **overrides})
+
+
 def llama3_8b(**overrides) -> LlamaConfig:
     fields = dict(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,
                   rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=128000,

@@ -77,3 +77,11 @@ def qwen2_5_1_5b(**overrides) -> Qwen2Config:
     """Qwen2.5-1.5B(-Instruct): 28 layers, width 1536, 12 heads / 2 KV heads, tied."""
     return qwen2_5_0_5b(**{**dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                   num_attention_heads=12), **overrides})
+
+
+def qwen2_5_7b(**overrides) -> Qwen2Config:
+    """Qwen2.5-7B(-Instruct): 28 layers, width 3584, 28 heads / 4 KV heads, untied head."""
+    return qwen2_5_0_5b(**{**dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                  num_hidden_layers=28, num_attention_heads=28,
+                                  num_key_value_heads=4, tie_word_embeddings=False),
+                           **overrides})

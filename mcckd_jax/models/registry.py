@@ -27,10 +27,11 @@ class Family:
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("llama", ("llama", "mistral"), llama.LlamaConfig, decoder.DecoderModel,
            {"tiny": llama.tiny, "smollm2_135m": llama.smollm2_135m,
-            "llama2_7b": llama.llama2_7b, "llama3_8b": llama.llama3_8b}),
+            "llama2_7b": llama.llama2_7b, "llama2_13b": llama.llama2_13b,
+            "llama3_8b": llama.llama3_8b, "llama3_1_8b": llama.llama3_1_8b}),
     Family("qwen2", ("qwen2",), qwen2.Qwen2Config, decoder.DecoderModel,
            {"tiny": qwen2.tiny, "qwen2_5_0_5b": qwen2.qwen2_5_0_5b,
-            "qwen2_5_1_5b": qwen2.qwen2_5_1_5b}),
+            "qwen2_5_1_5b": qwen2.qwen2_5_1_5b, "qwen2_5_7b": qwen2.qwen2_5_7b}),
     Family("qwen3", ("qwen3",), qwen3.Qwen3Config, decoder.DecoderModel,
            {"tiny": qwen3.tiny, "qwen3_0_6b": qwen3.qwen3_0_6b, "qwen3_1_7b": qwen3.qwen3_1_7b}),
     Family("gemma2", ("gemma2",), gemma2.Gemma2Config, decoder.DecoderModel,

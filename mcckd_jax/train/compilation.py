@@ -33,3 +33,27 @@ def compile_train_step(jitted, *args) -> jax.stages.Compiled:
     """`jitted.lower(*args).compile(...)` with the options of the platform `args` live on."""
     platform = next(iter(jax.tree.leaves(args)[0].sharding.device_set)).platform
     return jitted.lower(*args).compile(compiler_options=train_step_options(platform))
+
+
+def memory_summary(compiled: jax.stages.Compiled) -> dict[str, int] | None:
+    """Per-device bytes of a compiled program (XLA's memory analysis): arguments, outputs,
+    aliased (outputs written over donated arguments), temporaries, generated code, and the
+    peak they imply (arguments + outputs - aliased + temporaries). None where the backend
+    gives no analysis."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    summary = {"arguments": memory.argument_size_in_bytes,
+               "outputs": memory.output_size_in_bytes,
+               "aliased": memory.alias_size_in_bytes,
+               "temporaries": memory.temp_size_in_bytes,
+               "generated_code": memory.generated_code_size_in_bytes}
+    summary["peak"] = (summary["arguments"] + summary["outputs"] - summary["aliased"]
+                       + summary["temporaries"])
+    return summary
+
+
+def describe_memory(summary: dict[str, int]) -> str:
+    """One line of `memory_summary`, bytes exact (mcckd-plan prints the same numbers)."""
+    return ", ".join(f"{name} {value} B" for name, value in summary.items()
+                     if name != "peak") + f" (peak {summary['peak'] / 2**30:.3f} GiB per device)"

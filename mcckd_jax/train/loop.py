@@ -80,10 +80,9 @@ class _CompiledSteps:
         key = tuple(sorted((name, value.shape) for name, value in batch.items()))
         if key not in self.executables:
             compiled = compilation.compile_train_step(self.jitted, state, batch)
-            memory = compiled.memory_analysis()
+            memory = compilation.memory_summary(compiled)
             if memory is not None:
-                log.info("compiled step for %s: temp %.2f GiB, arguments %.2f GiB", dict(key),
-                         memory.temp_size_in_bytes / 2**30, memory.argument_size_in_bytes / 2**30)
+                log.info("compiled step for %s: %s", dict(key), compilation.describe_memory(memory))
             self.executables[key] = compiled
             host_memory.release_free_heap()  # the compiler's freed heap, before the step runs
         return self.executables[key](state, batch)
@@ -116,6 +115,22 @@ def _check_settings(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
              "processes) or mesh.per_host")
 
 
+def _check_memory(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """Stops before any weight is read when the weights and optimizer state alone exceed an
+    accelerator's memory (TPU/GPU devices report it; CPU devices do not)."""
+    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    stats = local.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return
+    from mcckd_jax.plan import report
+
+    shortfall = report.state_shortfall(config, mesh, int(limit))
+    if shortfall is not None:
+        raise ValueError(f"{shortfall}; mcckd-plan CONFIG ... --topology <this slice> finds a "
+                         "setting that fits (LoRA, more devices, fsdp)")
+
+
 def _load_data(config: TrainConfig, layout: str, vocab_size: int
                ) -> tuple[Any, tokenization.EncodedDataset]:
     """(tokenizer, tokenized training data), checked against the student's vocabulary."""
@@ -142,7 +157,9 @@ def train(config: TrainConfig) -> TrainResult:
     model_cls, architecture = pretrained.student_architecture(config.student)
     layout = pretrained.tokenization_layout(model_cls)
     tokenizer, encoded = _load_data(config, layout, architecture.vocab_size)
-    # The data is checked before the weights are read: a mistake costs seconds, not minutes.
+    _check_memory(config, mesh)
+    # The data and the memory are checked before the weights are read: a mistake costs
+    # seconds, not minutes.
     model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
     dataset = pipeline.train_dataset(encoded, config.data.pipeline)
     iterator: Iterator = iter(dataset)

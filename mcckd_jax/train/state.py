@@ -42,17 +42,30 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
     born sharded like the parameters it mirrors.
     """
     graphdef, params, model_state = split_model(model)
-
-    def build(params, model_state):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                          opt_state=optimizer.init(params))
-
-    with sharding.activate(mesh, rules):
-        abstract = jax.eval_shape(build, params, model_state)
-    shardings = sharding.tree_shardings(abstract, mesh, rules)
+    build = _state_builder(optimizer)
+    _, shardings = abstract_train_state(params, model_state, optimizer, mesh=mesh, rules=rules)
     with sharding.activate(mesh, rules):
         state = jax.jit(build, out_shardings=shardings)(params, model_state)
     return graphdef, state, shardings
+
+
+def _state_builder(optimizer: optax.GradientTransformation):
+    def build(params, model_state):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=optimizer.init(params))
+    return build
+
+
+def abstract_train_state(params: nnx.State, model_state: nnx.State,
+                         optimizer: optax.GradientTransformation, *, mesh: jax.sharding.Mesh,
+                         rules: sharding.LogicalRules = sharding.DEFAULT_RULES
+                         ) -> tuple[TrainState, TrainState]:
+    """(the state's ShapeDtypeStructs, its NamedShardings) for the parameters and model state
+    of a student, real or abstract (`nnx.eval_shape`): what `create_train_state` builds,
+    without allocating it."""
+    with sharding.activate(mesh, rules):
+        abstract = jax.eval_shape(_state_builder(optimizer), params, model_state)
+    return abstract, sharding.tree_shardings(abstract, mesh, rules)
 
 
 def replicated_fraction(state: TrainState, mesh: jax.sharding.Mesh) -> float:
