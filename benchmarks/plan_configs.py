@@ -87,7 +87,9 @@ def _suggestion(plan: dict) -> str:
     suggestion = plan.get("suggestion")
     if not suggestion:
         return plan.get("reason", "")
-    return f"{suggestion['change']} fits"
+    peak = max(suggestion["plan"]["memory_per_device"].get(name, {}).get("peak", 0)
+               for name in ("train_step", "decoding"))
+    return f"{suggestion['change']} fits (peak {peak / GIB:.2f})"
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def test_bad_input_is_one_line(args, message):
 
 
 def test_llama_13b_full_fine_tuning_does_not_fit_a_v5e_8_and_says_so_before_compiling(tmp_path):
-    # 13.0e9 float32 weights and two AdamW moments over 8 chips: 19.4 GiB of 16 per chip,
+    # 13.0e9 float32 weights and two AdamW moments over 8 chips: 18.2 GiB of 16 per chip,
     # known from shapes alone (the suggestion's search, which compiles LoRA, is left out).
     output = tmp_path / "plan.json"
     done = run_plan(REPO_ROOT / "configs" / "llama13b_lora_gsm8k.yaml", "student.lora=null",
