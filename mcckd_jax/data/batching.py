@@ -38,7 +38,7 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a sequence of {length} tokens exceeds the largest bucket {max(buckets)}")
 
 
-def _fill_row(data: EncodedDataset, q: int, r: int, tokens_L: np.ndarray, targets_L: np.ndarray,
+def fill_row(data: EncodedDataset, q: int, r: int, tokens_L: np.ndarray, targets_L: np.ndarray,
               loss_mask_L: np.ndarray, span_positions_S: np.ndarray) -> None:
     """Writes rationale r of question q into one row of each field."""
     if data.layout == "encoder_decoder":
@@ -94,7 +94,7 @@ def build_train_batch(data: EncodedDataset, questions_B: Sequence[int],
         if q < 0:
             continue
         for k, r in enumerate(chosen):
-            _fill_row(data, q, r, batch["tokens"][b, k], batch["targets"][b, k],
+            fill_row(data, q, r, batch["tokens"][b, k], batch["targets"][b, k],
                       batch["loss_mask"][b, k], batch["span_positions"][b, k])
             batch["rationale_mask"][b, k] = True
         batch["span_mask"][b, :data.span_offsets[q + 1] - data.span_offsets[q]] = True

@@ -21,7 +21,8 @@ from mcckd_jax.losses.cross_entropy import (chunked_token_cross_entropy, softcap
                                             token_cross_entropy)
 from mcckd_jax.losses.objective import (TERMS, LossSettings, StudentOutputs, Term,
                                         evaluate_terms, gather_span_hidden, mcc_kd_loss,
-                                        span_logits, student_outputs, term_metrics, term_weights,
+                                        packed_student_outputs, packed_term_batch, span_logits,
+                                        student_outputs, term_metrics, term_weights,
                                         weighted_loss)
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "evaluate_terms",
     "gather_span_hidden",
     "mcc_kd_loss",
+    "packed_student_outputs",
+    "packed_term_batch",
     "rationale_counts",
     "softcap",
     "span_argmax_agreement",

@@ -70,6 +70,27 @@ def student_outputs(hidden_BKLD: Array, output_weight_DV: Array, span_positions_
                                       logit_softcap=logit_softcap))
 
 
+def packed_student_outputs(hidden_RLD: Array, output_weight_DV: Array, span_index_BKS: Array, *,
+                           logit_softcap: float | None = None) -> StudentOutputs:
+    """The terms' view of a forward pass over packed rows (data/packing.py): the rows as B = R
+    sequences of K = 1 view for the cross-entropy (`packed_term_batch` shapes the batch the
+    same way), and the span logits gathered at `span_index` (row x L + position)."""
+    logit_softcap = cross_entropy.check_softcap(logit_softcap)
+    rows, length, width = hidden_RLD.shape
+    span_hidden_BKSD = jnp.take(hidden_RLD.reshape(rows * length, width), span_index_BKS, axis=0,
+                                mode="clip")
+    return StudentOutputs(hidden_RLD[:, None], output_weight_DV, logit_softcap,
+                          cross_entropy.project_to_vocab(span_hidden_BKSD, output_weight_DV,
+                                                         logit_softcap))
+
+
+def packed_term_batch(batch: Batch) -> dict[str, Array]:
+    """A packed batch as the terms read it: targets and loss_mask [R, 1, L] (one view per row);
+    span_mask and rationale_mask as they are."""
+    return {"targets": batch["targets"][:, None], "loss_mask": batch["loss_mask"][:, None],
+            "span_mask": batch["span_mask"], "rationale_mask": batch["rationale_mask"]}
+
+
 # --------------------------------------------------------------------------------------------
 # The terms: (outputs, batch, settings) -> (sum, count)
 # --------------------------------------------------------------------------------------------

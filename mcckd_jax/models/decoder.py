@@ -245,6 +245,12 @@ class DecoderModel(nnx.Module):
         hidden = self(tokens_BKL.reshape(batch_size * num_views, length))
         return hidden.reshape(batch_size, num_views, length, -1)
 
+    def packed_hidden(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Hidden states [R, L, D] of a packed batch's rows `tokens` [R, L] (data/packing.py):
+        each sequence at its own positions, attending within its segment only."""
+        return self(batch["tokens"], positions_BL=batch["positions"],
+                    segment_ids_BL=batch["segment_ids"])
+
     def decode(self, tokens_BL: jax.Array, cache: KVCache, *,
                positions_BL: jax.Array | None = None,
                attention_mask_BL: jax.Array | None = None) -> tuple[jax.Array, KVCache]:

@@ -19,7 +19,9 @@ class Student(Protocol):
     """A Flax NNX student model.
 
     The batch it reads is the train batch of the README's batch contract: `tokens` [B, K, L]
-    (and, for encoder-decoder students, `encoder_tokens` / `encoder_mask` [B, E]).
+    (and, for encoder-decoder students, `encoder_tokens` / `encoder_mask` [B, E]). Decoder-only
+    students also read packed batches (data/packing.py) with `packed_hidden(batch)`: hidden
+    states [R, L, D] of `tokens` [R, L] at `positions`, attending within `segment_ids`.
     """
 
     LAYOUT: ClassVar[Layout]  # how mcckd-prepare's rationales are tokenized for it

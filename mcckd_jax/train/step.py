@@ -57,6 +57,8 @@ def real_token_count(batch: Batch) -> jax.Array:
     """Non-padding positions of a train batch (float32): in every sequence the positions up to
     its last loss_mask position (prompt and rationale come first, padding last), plus the real
     encoder tokens of an encoder-decoder batch."""
+    if is_packed(batch):
+        return jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
     loss_mask_BKL = batch["loss_mask"].astype(bool)
     length = loss_mask_BKL.shape[-1]
     last_plus_one_BK = length - jnp.argmax(loss_mask_BKL[..., ::-1], axis=-1)
@@ -65,6 +67,11 @@ def real_token_count(batch: Batch) -> jax.Array:
     if "encoder_mask" in batch:
         count += jnp.sum(batch["encoder_mask"].astype(jnp.float32))
     return count
+
+
+def is_packed(batch: Batch) -> bool:
+    """Whether a batch is packed (data/packing.py): rows of segments, not [B, K, L] views."""
+    return "segment_ids" in batch
 
 
 def split_micro_batches(batch: Batch, num_micro_batches: int) -> Batch:
@@ -90,15 +97,24 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def micro_loss(params, model_state, micro, totals):
         # copy: the dropout streams of model_state are advanced inside this trace.
         model = nnx.merge(graphdef, params, model_state, copy=True)
-        outputs = losses.student_outputs(model.batch_hidden(micro), model.output_weight(),
-                                         micro["span_positions"],
-                                         logit_softcap=model.final_logit_softcap)
+        if is_packed(micro):
+            outputs = losses.packed_student_outputs(
+                model.packed_hidden(micro), model.output_weight(), micro["span_index"],
+                logit_softcap=model.final_logit_softcap)
+            micro = losses.packed_term_batch(micro)
+        else:
+            outputs = losses.student_outputs(model.batch_hidden(micro), model.output_weight(),
+                                             micro["span_positions"],
+                                             logit_softcap=model.final_logit_softcap)
         sums = losses.evaluate_terms(outputs, micro, settings)
         return losses.weighted_loss(sums, weights, totals), (sums, nnx.state(model, nnx.RngState))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if is_packed(batch) and num_micro_batches > 1:
+            # span_index points into the whole batch's rows; a micro-batch holds some of them.
+            raise ValueError("packed batches take run.micro_batches=1")
         totals = {term.name: term.batch_count(batch, settings) for term in weighted_terms}
 
         def accumulate(carry, micro):
