@@ -6,6 +6,7 @@ Real data: the SVAMP teacher sample from ../shared, prepared by mcckd-prepare's 
 the test's own sentencepiece tokenizer and a tiny LLaMA trained from scratch.
 """
 
+import json
 import math
 import signal
 import socket
@@ -141,3 +142,30 @@ def test_the_t5_student_trains_through_the_same_command(t5_run):
     assert sorted(result) == [1, 2, 3]
     # T5's initialisation (unit-variance embeddings) starts far above ln(vocab); it must fall.
     assert all(map(math.isfinite, result.values())) and result[3] < result[1]
+
+
+@pytest.mark.slow
+def test_packed_rows_resume_mid_epoch_with_the_uninterrupted_losses(inputs, uninterrupted,
+                                                                    tmp_path_factory):
+    # Two devices: each packs the sequences of its 4 questions (8 views) into its own rows.
+    packed, env = ("data.pipeline.packing=true",), environment(devices=2)
+    reference = tmp_path_factory.mktemp("packed_uninterrupted")
+    finish(start(inputs, reference, *packed, env=env))
+    expected = losses(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    # The same examples as the unpacked run, so the same losses up to float32 summation order.
+    unpacked_dir, unpacked = uninterrupted
+    assert all(math.isclose(expected[s], unpacked[s], rel_tol=1e-4) for s in expected)
+    share = [json.loads(line)["loss_share"]
+             for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    unpacked_share = [json.loads(line)["loss_share"]
+                      for line in (unpacked_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(share) / len(share) > 1.3 * sum(unpacked_share) / len(unpacked_share)
+
+    interrupted = tmp_path_factory.mktemp("packed_interrupted")
+    process = start(inputs, interrupted, *packed, env=env)
+    wait_for((interrupted / "checkpoints" / "2" / "commit_success.txt").exists, process)
+    process.kill()
+    process.wait()
+    finish(start(inputs, interrupted, *packed, env=env))
+    assert losses(interrupted) == expected  # bit for bit

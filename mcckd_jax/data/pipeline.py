@@ -34,7 +34,7 @@ import sys
 import grain
 import numpy as np
 
-from mcckd_jax.data import batching
+from mcckd_jax.data import batching, packing
 from mcckd_jax.data.tokenization import EncodedDataset, EncodedPrompts
 
 _PERMUTATION_STREAM = 0  # separates the per-epoch permutation seeds from the sampling seeds
@@ -57,6 +57,10 @@ class PipelineConfig:
     worker_buffer_size: int = 2  # batches each worker prepares ahead
     read_threads: int = 1  # threads building batches in this process when num_workers == 0
     prefetch_buffer_size: int = 4  # batches prepared ahead in this process
+    # Packing (decoder-only; data/packing.py): each batch's sequences end to end in rows of a
+    # bucket length; the rows per group are bucketed to 2^k or 3 x 2^(k-1).
+    packing: bool = False
+    pack_groups: int = 1  # groups per process (mcckd-train: this process's data-parallel devices)
 
     def __post_init__(self):
         for name in ("batch_size", "num_rationales", "max_span_tokens"):
@@ -87,6 +91,12 @@ class TrainBatches:
         _check_process(process_index, process_count)
         if data.num_questions == 0:
             raise ValueError("the encoded dataset has no questions")
+        if config.packing and data.layout != "decoder_only":
+            raise ValueError("data.pipeline.packing is for decoder-only students; T5 keeps its "
+                             "layout")
+        if config.packing and config.batch_size % config.pack_groups:
+            raise ValueError(f"data.pipeline.batch_size ({config.batch_size}) does not split "
+                             f"into pack_groups={config.pack_groups}")
         spans = np.diff(data.span_offsets)
         if spans.max() > config.max_span_tokens:
             raise ValueError(f"answer spans of up to {spans.max()} tokens do not fit "
@@ -135,10 +145,50 @@ class TrainBatches:
                 self.config.encoder_bucket_lengths)
         mine = slice(self.process_index * self.config.batch_size,
                      (self.process_index + 1) * self.config.batch_size)
+        if self.config.packing:
+            return self._packed(slots, choices, mine)
         return batching.build_train_batch(
             self.data, [q for _, q in slots[mine]], choices[mine],
             num_rationales=self.config.num_rationales, length=length,
             span_length=self.config.max_span_tokens, encoder_length=encoder_length)
+
+
+    def _packed(self, slots, choices, mine: slice) -> dict[str, np.ndarray]:
+        """This process's share packed into the fewest positions: the row length is the
+        bucket length (at least the longest sequence) whose bucketed row count makes the
+        smallest R x L. Every process sizes its rows for the fullest process (the same R and L
+        everywhere)."""
+        config, size = self.config, self.config.batch_size
+        shares = [([q for _, q in slots[p * size:(p + 1) * size]], choices[p * size:(p + 1) * size])
+                  for p in range(self.process_count)]
+        longest = max((int(self.lengths[c].max()) for c in choices if len(c)), default=1)
+        best = None
+        for row_length in sorted(config.bucket_lengths):
+            if row_length < longest:
+                continue
+            per_group = max(packing.rows_needed(self.data, questions, chosen,
+                                                row_length=row_length,
+                                                groups=config.pack_groups)
+                            for questions, chosen in shares) // config.pack_groups
+            rows = config.pack_groups * row_bucket(per_group)
+            if best is None or rows * row_length < best[0] * best[1]:
+                best = (rows, row_length)
+        rows, row_length = best
+        return packing.build_packed_batch(
+            self.data, [q for _, q in slots[mine]], choices[mine],
+            num_rationales=config.num_rationales, row_length=row_length, num_rows=rows,
+            span_length=config.max_span_tokens, groups=config.pack_groups)
+
+
+def row_bucket(rows: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 x 2^(k-1)) that is >= rows."""
+    bucket = 1
+    while True:
+        if bucket >= rows:
+            return bucket
+        if bucket >= 2 and 3 * bucket // 2 >= rows:
+            return 3 * bucket // 2
+        bucket *= 2
 
 
 class EvalBatches:

@@ -31,6 +31,7 @@ from mcckd_jax.train.metrics import MetricsLogger
 log = logging.getLogger(__name__)
 
 STEP_FIELDS = ("tokens", "targets", "loss_mask", "rationale_mask", "span_positions", "span_mask",
+               "segment_ids", "positions", "span_index",
                "encoder_tokens", "encoder_mask")
 
 
@@ -109,6 +110,9 @@ def _check_settings(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
                          "empty: give dev question files (dev_eval.files=[...]) or set "
                          "dev_eval.every=0")
     batch_size = config.data.pipeline.batch_size
+    if config.data.pipeline.packing and config.run.micro_batches > 1:
+        raise ValueError("data.pipeline.packing takes run.micro_batches=1 (a packed batch's "
+                         "span_index points into all of its rows)")
     sharding.check_batch_divides(
         batch_size * jax.process_count(), mesh,
         what=f"data.pipeline.batch_size ({batch_size} per process x {jax.process_count()} "
@@ -129,6 +133,16 @@ def _check_memory(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     if shortfall is not None:
         raise ValueError(f"{shortfall}; mcckd-plan CONFIG ... --topology <this slice> finds a "
                          "setting that fits (LoRA, more devices, fsdp)")
+
+
+def _pipeline_config(config: TrainConfig, mesh: jax.sharding.Mesh) -> pipeline.PipelineConfig:
+    """The pipeline's config; packed rows are grouped by this process's data-parallel devices,
+    so that each device packs the sequences of its own questions."""
+    pipe = config.data.pipeline
+    if not pipe.packing:
+        return pipe
+    return dataclasses.replace(
+        pipe, pack_groups=sharding.data_parallel_size(mesh) // jax.process_count())
 
 
 def _load_data(config: TrainConfig, layout: str, vocab_size: int
@@ -161,7 +175,7 @@ def train(config: TrainConfig) -> TrainResult:
     # The data and the memory are checked before the weights are read: a mistake costs
     # seconds, not minutes.
     model = pretrained.build_student(config.student, mesh=mesh, rules=rules)
-    dataset = pipeline.train_dataset(encoded, config.data.pipeline)
+    dataset = pipeline.train_dataset(encoded, _pipeline_config(config, mesh))
     iterator: Iterator = iter(dataset)
 
     run = config.run

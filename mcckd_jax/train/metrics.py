@@ -96,6 +96,9 @@ class MetricsLogger:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()},
                   "positions_per_second": (positions - self._last_positions) / elapsed,
                   "loss_tokens_per_second": (loss_tokens - self._last_loss_tokens) / elapsed}
+        if positions > self._last_positions:  # of the positions computed, those learned from
+            record["loss_share"] = ((loss_tokens - self._last_loss_tokens)
+                                    / (positions - self._last_positions))
         if real_tokens is not None:
             record["real_tokens_per_second"] = (real_tokens - self._last_real_tokens) / elapsed
             self._last_real_tokens = real_tokens
