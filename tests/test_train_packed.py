@@ -58,7 +58,7 @@ def encoded(seed, num_questions=8, max_rationales=4):
                           span_offsets=span_offsets, record_index=np.arange(num_questions))
 
 
-def both_batches(data, num_rationales, groups, row_length=64):
+def both_batches(data, num_rationales, groups, row_length=64, shared_prompt=False):
     questions = list(range(data.num_questions))
     choices = [list(range(data.question_rationales[q], data.question_rationales[q + 1]))
                [:num_rationales] for q in questions]
@@ -66,10 +66,13 @@ def both_batches(data, num_rationales, groups, row_length=64):
                      for r in c))
     unpacked = batching.build_train_batch(data, questions, choices, num_rationales=num_rationales,
                                           length=length, span_length=4)
-    rows = packing.rows_needed(data, questions, choices, row_length=row_length, groups=groups)
+    if shared_prompt:
+        row_length = max(packing.shared_length(data, q, c) for q, c in zip(questions, choices))
+    rows = packing.rows_needed(data, questions, choices, row_length=row_length, groups=groups,
+                               shared_prompt=shared_prompt)
     packed = packing.build_packed_batch(data, questions, choices, num_rationales=num_rationales,
                                         row_length=row_length, num_rows=rows, span_length=4,
-                                        groups=groups)
+                                        groups=groups, shared_prompt=shared_prompt)
     del unpacked["question_index"], packed["question_index"]
     return unpacked, packed
 
@@ -94,15 +97,21 @@ def loss_and_grads(batch, mesh_shape):
 
 
 def assert_same_gradients(grads, reference):
-    # rtol 1e-5, with an absolute floor for entries that float32 sums leave at rounding level.
-    floor = 1e-6 * max(float(np.abs(g).max()) for g in jax.tree.leaves(reference))
+    """rtol 1e-5, with an absolute floor of 1e-5 of the largest gradient entry: the packed step
+    adds the same contributions in another order (a shared prompt's gradient arrives once for
+    its K views), and entries near zero keep float32's rounding of the larger terms. The
+    attention softmax runs in float32 whatever the model's dtype, so a float64 run leaves the
+    same floor (measured: 2.2e-7 of each tensor's largest entry, packed or not)."""
+    floor = 1e-5 * max(float(np.abs(g).max()) for g in jax.tree.leaves(reference))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=floor), grads,
                  reference)
 
 
+@pytest.mark.parametrize("shared_prompt", [False, True])
 @pytest.mark.parametrize("num_rationales", [2, 3, 4])
-def test_a_packed_step_equals_the_unpacked_step(num_rationales):
-    unpacked, packed = both_batches(encoded(num_rationales), num_rationales, groups=1)
+def test_a_packed_step_equals_the_unpacked_step(num_rationales, shared_prompt):
+    unpacked, packed = both_batches(encoded(num_rationales), num_rationales, groups=1,
+                                    shared_prompt=shared_prompt)
     assert packed["tokens"].size < unpacked["tokens"].size  # it packs
     reference, reference_delta = loss_and_grads(unpacked, (1, 1, 1))
     result, delta = loss_and_grads(packed, (1, 1, 1))
@@ -112,8 +121,9 @@ def test_a_packed_step_equals_the_unpacked_step(num_rationales):
 
 
 @pytest.mark.slow
-def test_a_packed_step_on_a_mesh_equals_the_unpacked_step_on_one_device():
-    unpacked, packed = both_batches(encoded(7), 3, groups=4)
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_a_packed_step_on_a_mesh_equals_the_unpacked_step_on_one_device(shared_prompt):
+    unpacked, packed = both_batches(encoded(7), 3, groups=4, shared_prompt=shared_prompt)
     reference, reference_delta = loss_and_grads(unpacked, (1, 1, 1))
     result, delta = loss_and_grads(packed, (2, 2, 2))
     for name in ("loss", "ce", "kl", "grad_norm"):
@@ -144,3 +154,32 @@ def test_first_fit_decreasing_fills_rows_in_order():
     assert packing.first_fit_decreasing([5, 9, 3, 7, 2], 10) == [[1], [3, 2], [0, 4]]
     with pytest.raises(ValueError, match="exceeds the row length"):
         packing.first_fit_decreasing([11], 10)
+
+
+def test_a_shared_prompt_is_seen_by_its_views_and_views_never_see_each_other():
+    data = encoded(5)
+    _, packed = both_batches(data, 3, groups=1, shared_prompt=True)
+    # positions: 79 + 4 x 150 = 679 in the docstring's example; here: fewer than unpacked.
+    _, plain = both_batches(data, 3, groups=1)
+    assert packed["segment_ids"].astype(bool).sum() < plain["segment_ids"].astype(bool).sum()
+    with sharding.activate(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])):
+        model = decoder.DecoderModel(llama.tiny(vocab_size=VOCAB, max_position_embeddings=128),
+                                     rngs=nnx.Rngs(0))
+    hidden = np.asarray(model.packed_hidden(jax.tree.map(jnp.asarray, packed)))
+    row = 0
+    segments = packed["segment_ids"][row]
+    views = [s for s in np.unique(segments) if s and (packed["prompt_segment_ids"][row][
+        segments == s] != s).all()]
+    prompt = packed["prompt_segment_ids"][row][segments == views[0]][0]
+    siblings = [v for v in views if packed["prompt_segment_ids"][row][segments == v][0] == prompt]
+    assert len(siblings) >= 2
+    first, second = (segments == siblings[0]), (segments == siblings[1])
+    changed = dict(packed, tokens=packed["tokens"].copy())
+    changed["tokens"][row, first] = (changed["tokens"][row, first] + 7) % VOCAB
+    after = np.asarray(model.packed_hidden(jax.tree.map(jnp.asarray, changed)))
+    np.testing.assert_array_equal(after[row, second], hidden[row, second])  # a sibling view
+    changed = dict(packed, tokens=packed["tokens"].copy())
+    shared = segments == prompt
+    changed["tokens"][row, shared] = (changed["tokens"][row, shared] + 7) % VOCAB
+    after = np.asarray(model.packed_hidden(jax.tree.map(jnp.asarray, changed)))
+    assert not np.allclose(after[row, second], hidden[row, second])  # it reads its prompt

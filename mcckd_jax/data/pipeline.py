@@ -61,6 +61,7 @@ class PipelineConfig:
     # bucket length; the rows per group are bucketed to 2^k or 3 x 2^(k-1).
     packing: bool = False
     pack_groups: int = 1  # groups per process (mcckd-train: this process's data-parallel devices)
+    shared_prompt: bool = False  # packed: a question's views share one copy of its prompt
 
     def __post_init__(self):
         for name in ("batch_size", "num_rationales", "max_span_tokens"):
@@ -94,6 +95,14 @@ class TrainBatches:
         if config.packing and data.layout != "decoder_only":
             raise ValueError("data.pipeline.packing is for decoder-only students; T5 keeps its "
                              "layout")
+        if config.shared_prompt and not config.packing:
+            raise ValueError("data.pipeline.shared_prompt needs data.pipeline.packing=true")
+        if config.shared_prompt and (too_long := _longest_shared(data, config.num_rationales)
+                                     ) > max(config.bucket_lengths):
+            raise ValueError(f"a question's prompt and {config.num_rationales} rationales take "
+                             f"{too_long} positions, more than the largest bucket "
+                             f"{max(config.bucket_lengths)}: raise bucket_lengths or turn "
+                             "shared_prompt off")
         if config.packing and config.batch_size % config.pack_groups:
             raise ValueError(f"data.pipeline.batch_size ({config.batch_size}) does not split "
                              f"into pack_groups={config.pack_groups}")
@@ -161,14 +170,19 @@ class TrainBatches:
         config, size = self.config, self.config.batch_size
         shares = [([q for _, q in slots[p * size:(p + 1) * size]], choices[p * size:(p + 1) * size])
                   for p in range(self.process_count)]
-        longest = max((int(self.lengths[c].max()) for c in choices if len(c)), default=1)
+        if config.shared_prompt:
+            longest = max((packing.shared_length(self.data, q, c)
+                           for (_, q), c in zip(slots, choices) if len(c)), default=1)
+        else:
+            longest = max((int(self.lengths[c].max()) for c in choices if len(c)), default=1)
         best = None
         for row_length in sorted(config.bucket_lengths):
             if row_length < longest:
                 continue
             per_group = max(packing.rows_needed(self.data, questions, chosen,
                                                 row_length=row_length,
-                                                groups=config.pack_groups)
+                                                groups=config.pack_groups,
+                                                shared_prompt=config.shared_prompt)
                             for questions, chosen in shares) // config.pack_groups
             rows = config.pack_groups * row_bucket(per_group)
             if best is None or rows * row_length < best[0] * best[1]:
@@ -177,7 +191,17 @@ class TrainBatches:
         return packing.build_packed_batch(
             self.data, [q for _, q in slots[mine]], choices[mine],
             num_rationales=config.num_rationales, row_length=row_length, num_rows=rows,
-            span_length=config.max_span_tokens, groups=config.pack_groups)
+            span_length=config.max_span_tokens, groups=config.pack_groups,
+            shared_prompt=config.shared_prompt)
+
+
+def _longest_shared(data: EncodedDataset, num_rationales: int) -> int:
+    """The most positions a question with a shared prompt can take: its K longest views."""
+    rationale_lengths = np.diff(data.rationale_offsets)
+    prompt_lengths = np.diff(data.prompt_offsets)
+    return max(int(prompt_lengths[q]) - 1 + int(np.sort(rationale_lengths[
+        data.question_rationales[q]:data.question_rationales[q + 1]])[::-1][:num_rationales].sum())
+        for q in range(data.num_questions))
 
 
 def row_bucket(rows: int) -> int:

@@ -162,13 +162,16 @@ class DecoderModel(nnx.Module):
 
     def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                  attention_mask_BL: jax.Array | None = None,
-                 segment_ids_BL: jax.Array | None = None) -> jax.Array:
+                 segment_ids_BL: jax.Array | None = None,
+                 prompt_segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Hidden states [B, L, D] for a full sequence (training, scoring).
 
         Args:
           positions_BL: RoPE positions; default 0..L-1 (pass per-segment positions when packing).
           attention_mask_BL: 1 for real tokens; padded keys are never attended.
           segment_ids_BL: packed sequences attend only within their own segment.
+          prompt_segment_ids_BL: with segment_ids, the one other segment each position may
+            attend (a shared prompt; data/packing.py).
         """
         batch, length = tokens_BL.shape
         slots_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -177,6 +180,9 @@ class DecoderModel(nnx.Module):
                     else attention_mask_BL.astype(bool))
         same_segment_BLS = None if segment_ids_BL is None else (
             segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
+        if prompt_segment_ids_BL is not None:
+            same_segment_BLS = same_segment_BLS | (
+                prompt_segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
         context = self._layer_context(slots_BL, slots_BL, valid_BL, positions_BL, same_segment_BLS)
         x_BLD = constrain(self._embed(tokens_BL), _ACT)
         lora = self.config.lora
@@ -249,7 +255,8 @@ class DecoderModel(nnx.Module):
         """Hidden states [R, L, D] of a packed batch's rows `tokens` [R, L] (data/packing.py):
         each sequence at its own positions, attending within its segment only."""
         return self(batch["tokens"], positions_BL=batch["positions"],
-                    segment_ids_BL=batch["segment_ids"])
+                    segment_ids_BL=batch["segment_ids"],
+                    prompt_segment_ids_BL=batch.get("prompt_segment_ids"))
 
     def decode(self, tokens_BL: jax.Array, cache: KVCache, *,
                positions_BL: jax.Array | None = None,

@@ -151,9 +151,11 @@ def check_remat_policy(name: str) -> None:
 
 
 def dtype_of(name: str):
-    """jnp dtype from a config string ('float32', 'bfloat16', 'float16')."""
+    """jnp dtype from a config string ('float32', 'bfloat16', 'float16'; 'float64' for exact
+    references in tests, under jax.enable_x64)."""
     try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+                "float64": jnp.float64}[name]
     except KeyError:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}") from None
 

@@ -114,7 +114,7 @@ def train_batch(config: TrainConfig, layout: str, mesh: jax.sharding.Mesh, proce
 
 # What the loop hands the step (train/loop.py STEP_FIELDS): question_index stays on the host.
 _STEP_FIELDS = ("tokens", "targets", "loss_mask", "rationale_mask", "span_positions", "span_mask",
-                "segment_ids", "positions", "span_index",
+                "segment_ids", "positions", "span_index", "prompt_segment_ids",
                 "encoder_tokens", "encoder_mask")
 
 

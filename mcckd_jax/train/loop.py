@@ -31,7 +31,7 @@ from mcckd_jax.train.metrics import MetricsLogger
 log = logging.getLogger(__name__)
 
 STEP_FIELDS = ("tokens", "targets", "loss_mask", "rationale_mask", "span_positions", "span_mask",
-               "segment_ids", "positions", "span_index",
+               "segment_ids", "positions", "span_index", "prompt_segment_ids",
                "encoder_tokens", "encoder_mask")
 
 
