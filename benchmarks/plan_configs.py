@@ -43,7 +43,8 @@ def _file(output_dir: pathlib.Path, config: str, overrides: list[str]) -> pathli
 def plan_all(output_dir: pathlib.Path, gpu_python: str | None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     for label, config, topology, overrides in PLANS:
-        python = gpu_python if topology.split(":")[0] in ("h100", "h200", "a100") else sys.executable
+        gpu = topology.split(":")[0] in ("h100", "h200", "a100")
+        python = gpu_python if gpu else sys.executable
         if python is None:
             print(f"{label}: skipped (--gpu_python not given)", file=sys.stderr)
             continue
@@ -77,9 +78,9 @@ def render(output_dir: pathlib.Path) -> str:
                      f"{estimate['tokens_per_second']:,.0f} positions/s" if estimate else "-")
         fits = "yes" if plan["fits"] else "no: " + _suggestion(plan)
         command = " ".join([f"`{config}`", *(f"`{o}`" for o in overrides)])
-        rows.append(f"| {label} | {command} | {topology} | {state:.2f} | {_peak(plan, 'train_step')} "
-                    f"| {_peak(plan, 'decoding')} | {memory['budget'] / GIB:.1f} | {fits} | "
-                    f"{estimated} |")
+        rows.append(f"| {label} | {command} | {topology} | {state:.2f} "
+                    f"| {_peak(plan, 'train_step')} | {_peak(plan, 'decoding')} "
+                    f"| {memory['budget'] / GIB:.1f} | {fits} | {estimated} |")
     return "\n".join(rows)
 
 

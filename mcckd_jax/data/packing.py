@@ -30,8 +30,9 @@ positions continue from the prompt's. K = 4 with an 80-token prompt and 150-toke
 is 79 + 4 x 150 = 679 positions instead of 4 x 229 = 916.
 
 Rows are filled first-fit-decreasing: sequences (questions, with a shared prompt) in
-decreasing length, each into the first row of its group with room. Legend: B questions, K views, S span tokens, R rows, L row length,
-G groups.
+decreasing length, each into the first row of its group with room.
+
+Legend: B questions, K views, S span tokens, R rows, L row length, G groups.
 """
 
 from __future__ import annotations

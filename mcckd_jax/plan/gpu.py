@@ -61,11 +61,12 @@ def devices(kind: str, hosts: int, per_host: int) -> list:
     from jax.experimental import topologies
 
     try:
-        description = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
-                                                   target_config=target_config(kind))
+        description = topologies.get_topology_desc(
+            platform="cuda", topology=f"1x{hosts}x{per_host}", target_config=target_config(kind))
     except Exception as error:  # the CUDA plugin is not installed
-        raise ValueError(f"cannot compile for {kind} here ({' '.join(str(error).split())[:160]});"
-                         " GPU plans need JAX's CUDA plugin: pip install -e \".[plan-gpu]\"") from None
+        detail = " ".join(str(error).split())[:160]
+        raise ValueError(f"cannot compile for {kind} here ({detail}); GPU plans need JAX's CUDA "
+                         "plugin: pip install -e \".[plan-gpu]\"") from None
     return list(description.devices)
 
 
