@@ -73,14 +73,14 @@ def _run(args, target) -> int:
     from mcckd_jax import config as config_lib
     from mcckd_jax import files, sharding
     from mcckd_jax.models.hf_import import CheckpointError
-    from mcckd_jax.plan import advice, report
+    from mcckd_jax.plan import advice, report, topology
     from mcckd_jax.train.config import TrainConfig
 
     try:
         config = config_lib.load(TrainConfig, args.config, args.overrides)
     except (config_lib.ConfigError, FileNotFoundError) as error:
         raise ValueError(str(error)) from None
-    devices = topology_devices(target)
+    devices = topology.target_devices(target)
     hosts = args.hosts or len({device.process_index for device in devices})
 
     def make_setting(config):
@@ -106,12 +106,6 @@ def _run(args, target) -> int:
     print(f"mcckd-plan: {args.config} does not fit {target.name}: {result['reason']}; "
           f"{_suggestion(result.get('suggestion'), args.no_advice)}", file=sys.stderr)
     return EXIT_DOES_NOT_FIT
-
-
-def topology_devices(target):
-    from mcckd_jax.plan import topology
-
-    return topology.target_devices(target)
 
 
 def _suggestion(suggestion, skipped: bool) -> str:

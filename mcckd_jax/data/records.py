@@ -51,12 +51,15 @@ class RecordError(ValueError):
                  message: str):
         self.path, self.index, self.field = str(path), index, field
         self.message = " ".join(str(message).split())
-        parts = [self.path]
-        if index is not None:
-            parts.append(f"record {index}")
-        if field is not None:
-            parts.append(f"field '{field}'")
-        super().__init__(": ".join([", ".join(parts), self.message]))
+        super().__init__(located(self.path, None if index is None else f"record {index}",
+                                 field, self.message))
+
+
+def located(path: str, position: str | None, field: str | None, message: str) -> str:
+    """"path, <position>, field 'f': message" in one line (position e.g. "record 3")."""
+    parts = [path] + ([position] if position is not None else []) + (
+        [f"field '{field}'"] if field is not None else [])
+    return ": ".join([", ".join(parts), " ".join(str(message).split())])
 
 
 @dataclasses.dataclass(frozen=True)

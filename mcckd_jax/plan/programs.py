@@ -13,6 +13,7 @@ P prompt length.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -129,12 +130,11 @@ def _flops(compiled, mesh: jax.sharding.Mesh) -> float | None:
     return None if not costs or "flops" not in costs else float(costs["flops"])
 
 
-def compile_train_step(config: TrainConfig, student: Student, mesh: jax.sharding.Mesh,
-                       processes: int) -> Compiled:
-    """The train step of mcckd-train (train/loop.py), compiled for the largest batch."""
-    import time
-
-    state, shardings = abstract_state(config, student, mesh)
+def compile_train_step(config: TrainConfig, student: Student, state_and_shardings,
+                       mesh: jax.sharding.Mesh, processes: int) -> Compiled:
+    """The train step of mcckd-train (train/loop.py), compiled for the largest batch;
+    `state_and_shardings` is `abstract_state`'s."""
+    state, shardings = state_and_shardings
     batch = train_batch(config, student.layout, mesh, processes)
     tx = optimizer.make_optimizer(config.optimizer, config.run.steps)
     step_fn = train_step.make_train_step(
@@ -156,8 +156,6 @@ def compile_decoding(config: TrainConfig, student: Student, mesh: jax.sharding.M
     """The greedy decoding program of dev evaluation and mcckd-eval (eval/decoding.py) for
     dev_eval.batch_size x processes prompts of the largest bucket length, generating
     dev_eval.max_new_tokens tokens."""
-    import time
-
     rows = config.dev_eval.batch_size * processes
     if rows % sharding.data_parallel_size(mesh):
         rows += sharding.data_parallel_size(mesh) - rows % sharding.data_parallel_size(mesh)

@@ -17,6 +17,7 @@ the chips' bf16 peak at a stated MFU: an estimate, not a measurement.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -99,11 +100,14 @@ def state_shortfall(config: TrainConfig, mesh: jax.sharding.Mesh, budget: int) -
     `mesh`; else the one-line reason (from shapes alone: nothing is compiled or read)."""
     student = programs.abstract_student(config, mesh)
     state, _ = programs.abstract_state(config, student, mesh)
-    weights, optimizer_state = _weights_and_optimizer(state)
-    if weights + optimizer_state <= budget:
+    return _shortfall(sum(_weights_and_optimizer(state)), budget)
+
+
+def _shortfall(state_bytes: int, budget: int) -> str | None:
+    if state_bytes <= budget:
         return None
-    return (f"weights and optimizer state alone need {size(weights + optimizer_state)} per "
-            f"device of {size(budget)}")
+    return (f"weights and optimizer state alone need {size(state_bytes)} per device of "
+            f"{size(budget)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +126,7 @@ def plan(setting: Setting, *, decoding: bool = True) -> dict[str, Any]:
     """The plan of one setting (compiles the train step, and the decoding unless told not to)."""
     config, mesh = setting.config, setting.mesh
     student = programs.abstract_student(config, mesh)
-    state, _ = programs.abstract_state(config, student, mesh)
+    state, shardings = programs.abstract_state(config, student, mesh)
     weights, optimizer_state = _weights_and_optimizer(state)
     budget = setting.budget or device_memory_bytes(setting.target, mesh.size)
     result: dict[str, Any] = {
@@ -133,9 +137,10 @@ def plan(setting: Setting, *, decoding: bool = True) -> dict[str, Any]:
                               "optimizer": optimizer_state}}
     if weights + optimizer_state > budget:
         result["fits"] = False
-        result["reason"] = state_shortfall(config, mesh, budget)
+        result["reason"] = _shortfall(weights + optimizer_state, budget)
         return result
-    train = programs.compile_train_step(config, student, mesh, setting.processes)
+    train = programs.compile_train_step(config, student, (state, shardings), mesh,
+                                        setting.processes)
     result["memory_per_device"]["train_step"] = train.memory
     # XLA's count of the compiled step counts the body of a loop once (the scanned layers):
     # a lower bound, kept for comparison between settings; model FLOPs are the measure.
@@ -163,9 +168,7 @@ def _flops(setting: Setting, train: programs.Compiled) -> dict[str, Any]:
     config = setting.config
     forward = forward_flops_per_token(config)
     shapes = train.shapes
-    positions = int(jnp.prod(jnp.asarray(shapes["tokens"])))
-    if "encoder_tokens" in shapes:
-        positions += int(jnp.prod(jnp.asarray(shapes["encoder_tokens"])))
+    positions = math.prod(shapes["tokens"]) + math.prod(shapes.get("encoder_tokens", (0,)))
     flops: dict[str, Any] = {"positions_per_step": positions}
     if forward is None:
         return flops

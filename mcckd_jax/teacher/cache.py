@@ -41,6 +41,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from mcckd_jax.data import records
 from mcckd_jax.files import WriteError
 from mcckd_jax.teacher.base import Sample, SampleRequest, SamplingParams
 
@@ -60,12 +61,8 @@ class CacheError(ValueError):
                  message: str):
         self.path, self.line, self.field = str(path), line, field
         self.message = " ".join(str(message).split())
-        parts = [self.path]
-        if line is not None:
-            parts.append(f"line {line}")
-        if field is not None:
-            parts.append(f"field '{field}'")
-        super().__init__(": ".join([", ".join(parts), self.message]))
+        super().__init__(records.located(self.path, None if line is None else f"line {line}",
+                                         field, self.message))
 
 
 def cache_key(model_id: str, messages: Sequence[tuple[str, str]], params: SamplingParams,
